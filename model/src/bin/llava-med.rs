@@ -1,0 +1,461 @@
+//! `llava-med`: run LLaVA-Med from the command line (generate, chat, inspect, tokenize, logits).
+
+use std::io::{BufRead, Write};
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::DType;
+use clap::{Args, Parser, Subcommand};
+use llava_med::IMAGE_SLOT;
+use llava_med::device::{DeviceChoice, parse_dtype, select};
+use llava_med::engine::Engine;
+use llava_med::generate::SamplingParams;
+use llava_med::imaging::load_image;
+use llava_med::prompt::{PromptTokenizer, Template};
+
+#[derive(Parser)]
+#[command(
+    name = "llava-med",
+    version,
+    about = "Chat with LLaVA-Med about medical images, locally"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct DeviceArgs {
+    /// auto, cpu, wgpu, vulkan or cuda.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Float type: f32, f16 or bf16 (default: f32 on CPU, f16 on wgpu, bf16 on CUDA).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Context length in tokens (default: the model's).
+    #[arg(long)]
+    context: Option<usize>,
+}
+
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// Conversation template (mistral_instruct, vicuna_v1, llava_v1, plain, chatml); default: the model's.
+    #[arg(long)]
+    template: Option<String>,
+    /// System prompt replacing the template's.
+    #[arg(long)]
+    system: Option<String>,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Most new tokens.
+    #[arg(long, default_value_t = 512)]
+    max_new_tokens: usize,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Answer one question about an image, streaming the answer to stdout.
+    Generate {
+        /// Model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// PNG or JPEG image.
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// The question.
+        #[arg(long)]
+        prompt: String,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// Interactive multi-turn chat in the terminal (`/image PATH`, `/reset`, `/quit`).
+    Chat {
+        /// Model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// Image to start with.
+        #[arg(long)]
+        image: Option<PathBuf>,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// Describe a model folder: layout, architecture, parameters, dtype, vision tower source.
+    Inspect {
+        /// Model folder.
+        #[arg(long)]
+        model: PathBuf,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// Print the token ids of a prompt as JSON (-200 = image slot).
+    Tokenize {
+        /// Model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// Prompt text; `<image>` marks the image.
+        #[arg(long)]
+        prompt: String,
+        /// Render the prompt as a single user turn of this template first.
+        #[arg(long)]
+        template: Option<String>,
+    },
+    /// One forward pass without a template; writes logits, image features and pixel values.
+    Logits {
+        /// Model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// PNG or JPEG image.
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// Raw prompt (tokenised like LLaVA, `<image>` = image slot).
+        #[arg(long, conflicts_with = "input_ids")]
+        prompt: Option<String>,
+        /// Comma-separated ids; -200 = one image slot.
+        #[arg(long)]
+        input_ids: Option<String>,
+        /// Output .safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("LLAVA_MED_LOG"))
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate {
+            model,
+            image,
+            prompt,
+            sampling,
+            device,
+        } => {
+            let engine = load(&model, &device)?;
+            let images = image
+                .iter()
+                .map(|p| load_image(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            let template = template(&engine, sampling.template.as_deref())?;
+            let mut out = std::io::stdout().lock();
+            engine.answer(
+                template,
+                sampling.system.as_deref(),
+                &[(prompt, None)],
+                &images,
+                sampling_params(&sampling),
+                sampling.max_new_tokens,
+                |piece| {
+                    let _ = out.write_all(piece.as_bytes()).and_then(|_| out.flush());
+                    ControlFlow::Continue(())
+                },
+            )?;
+            writeln!(out)?;
+            Ok(())
+        }
+        Command::Chat {
+            model,
+            image,
+            sampling,
+            device,
+        } => chat(&model, image, &sampling, &device),
+        Command::Inspect { model, device } => inspect(&model, &device),
+        Command::Tokenize {
+            model,
+            prompt,
+            template,
+        } => {
+            let tok = PromptTokenizer::from_dir(&model)?;
+            let text = match template {
+                Some(name) => name.parse::<Template>()?.render(None, &[(prompt, None)]),
+                None => prompt,
+            };
+            println!("{}", serde_json::to_string(&tok.encode_prompt(&text)?)?);
+            Ok(())
+        }
+        Command::Logits {
+            model,
+            image,
+            prompt,
+            input_ids,
+            out,
+            device,
+        } => logits(&model, image.as_deref(), prompt, input_ids, &out, &device),
+    }
+}
+
+fn load(model: &Path, args: &DeviceArgs) -> Result<Engine> {
+    let choice: DeviceChoice = args.device.parse()?;
+    let dtype = args.dtype.as_deref().map(parse_dtype).transpose()?;
+    let selected = select(choice, dtype)?;
+    tracing::info!(device = %selected.kind, dtype = ?selected.dtype, "loading {}", model.display());
+    Ok(Engine::load(model, selected, args.context)?)
+}
+
+fn template(engine: &Engine, name: Option<&str>) -> Result<Template> {
+    Ok(match name {
+        Some(n) => n.parse()?,
+        None => engine.template,
+    })
+}
+
+fn sampling_params(s: &SamplingArgs) -> SamplingParams {
+    SamplingParams {
+        temperature: s.temperature,
+        top_p: s.top_p,
+        seed: s.seed,
+    }
+}
+
+fn chat(
+    model: &Path,
+    image: Option<PathBuf>,
+    sampling: &SamplingArgs,
+    device: &DeviceArgs,
+) -> Result<()> {
+    let engine = load(model, device)?;
+    let template = template(&engine, sampling.template.as_deref())?;
+    let mut images = image
+        .iter()
+        .map(|p| load_image(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut turns: Vec<(String, Option<String>)> = Vec::new();
+    eprintln!(
+        "llava-med chat ({template}); /image PATH attaches an image, /reset starts over, /quit ends."
+    );
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if line == "/quit" || line == "/exit" {
+            return Ok(());
+        }
+        if line == "/reset" {
+            turns.clear();
+            images.clear();
+            continue;
+        }
+        if let Some(path) = line.strip_prefix("/image") {
+            match load_image(Path::new(path.trim())) {
+                Ok(img) => {
+                    // LLaVA-Med sees one image at the start of the conversation: a new image starts over.
+                    images = vec![img];
+                    turns.clear();
+                    eprintln!("image attached; conversation restarted");
+                }
+                Err(e) => eprintln!("error: {e}"),
+            }
+            continue;
+        }
+        turns.push((line.to_string(), None));
+        let result = engine.answer(
+            template,
+            sampling.system.as_deref(),
+            &turns,
+            &images,
+            sampling_params(sampling),
+            sampling.max_new_tokens,
+            |piece| {
+                let _ = out.write_all(piece.as_bytes()).and_then(|_| out.flush());
+                ControlFlow::Continue(())
+            },
+        );
+        println!();
+        match result {
+            Ok(g) => turns.last_mut().expect("pushed").1 = Some(g.text.trim().to_string()),
+            Err(e) => {
+                turns.pop();
+                eprintln!("error: {e}");
+            }
+        }
+    }
+}
+
+fn inspect(model: &Path, device: &DeviceArgs) -> Result<()> {
+    let engine = load(model, device)?;
+    let m = &engine.model;
+    let c = &m.config;
+    let (lm, tower, proj) = m.num_params();
+    println!("model folder:     {}", model.display());
+    println!(
+        "layout:           {:?} (model_type {})",
+        c.layout, c.model_type
+    );
+    println!(
+        "language model:   {:?}, {} layers, hidden {}, {} heads / {} kv heads, MLP {}, vocab {}, rope θ {}, tied head {}",
+        c.text.kind,
+        c.text.num_layers,
+        c.text.hidden_size,
+        c.text.num_heads,
+        c.text.num_kv_heads,
+        c.text.intermediate_size,
+        c.text.vocab_size,
+        c.text.rope_theta,
+        c.text.tie_word_embeddings
+    );
+    if let Some(mm) = &c.multimodal {
+        let v = &mm.vision;
+        println!(
+            "vision tower:     CLIP ViT {}px/{} hidden {}, {} of {} layers used (select layer {}), {} image tokens",
+            v.image_size,
+            v.patch_size,
+            v.hidden_size,
+            mm.vision_layers_used(),
+            v.num_layers,
+            mm.select_layer,
+            mm.tokens_per_image()
+        );
+        println!("vision config:    {:?}", mm.vision_source);
+        println!(
+            "vision weights:   {:?}",
+            m.vision_weights.as_ref().expect("multimodal")
+        );
+        println!("projector:        {:?}", mm.projector);
+    }
+    println!(
+        "parameters:       {} language model + {} vision + {} projector = {}",
+        lm,
+        tower,
+        proj,
+        lm + tower + proj
+    );
+    println!(
+        "stored dtype:     {}",
+        c.torch_dtype.as_deref().unwrap_or("?")
+    );
+    println!(
+        "loaded as:        {:?} on {}",
+        engine.device.dtype, engine.device.kind
+    );
+    println!("context:          {} tokens", m.lm.max_positions());
+    println!("template:         {}", engine.template);
+    println!("tokenizer:        {}", engine.tokenizer.source().display());
+    if !m.skipped_tensors.is_empty() {
+        println!(
+            "not loaded:       {} tensors the model never uses (e.g. {})",
+            m.skipped_tensors.len(),
+            m.skipped_tensors[0]
+        );
+    }
+    Ok(())
+}
+
+fn logits(
+    model: &Path,
+    image: Option<&Path>,
+    prompt: Option<String>,
+    input_ids: Option<String>,
+    out: &Path,
+    device: &DeviceArgs,
+) -> Result<()> {
+    let engine = load(model, device)?;
+    let ids: Vec<i64> = match (prompt, input_ids) {
+        (Some(p), None) => engine.tokenizer.encode_prompt(&p)?,
+        (None, Some(s)) => s
+            .split(',')
+            .map(|x| {
+                x.trim()
+                    .parse::<i64>()
+                    .with_context(|| format!("--input-ids: `{x}` is not an integer"))
+            })
+            .collect::<Result<_>>()?,
+        _ => bail!("give exactly one of --prompt or --input-ids"),
+    };
+    let mut tensors: Vec<(&str, Vec<f32>, Vec<usize>)> = Vec::new();
+    let features = match image {
+        Some(path) => {
+            let img = load_image(path)?;
+            let pre = engine.preprocess().context("this model takes no images")?;
+            let pixels = pre.batch(std::slice::from_ref(&img), &engine.device.device);
+            let hidden = engine.model.vision_hidden(pixels.clone())?;
+            let feats = engine.model.encode_images(pixels.clone())?;
+            tensors.push((
+                "pixel_values",
+                to_vec(pixels.clone().squeeze_dim::<3>(0)),
+                vec![3, pre.size, pre.size],
+            ));
+            let hd = hidden.dims();
+            tensors.push(("vision_hidden", to_vec(hidden), vec![hd[1], hd[2]]));
+            let fd = feats.dims();
+            tensors.push((
+                "image_features",
+                to_vec(feats.clone()),
+                vec![fd[0] * fd[1], fd[2]],
+            ));
+            Some(feats)
+        }
+        None => None,
+    };
+    if ids.contains(&IMAGE_SLOT) && features.is_none() {
+        bail!("the prompt has an image slot (-200 / <image>) but no --image was given");
+    }
+    let mut cache = engine.model.new_cache();
+    let embeds = engine.model.embed_sequence(&ids, features.as_ref())?;
+    let logits = engine.model.forward(embeds, &mut cache)?;
+    let [_, s, v] = logits.dims();
+    tensors.push(("logits", to_vec(logits), vec![s, v]));
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .into_iter()
+        .map(|(n, vals, shape)| {
+            (
+                n.to_string(),
+                vals.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                shape,
+            )
+        })
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(n, b, shape)| {
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let data = safetensors::serialize(views, None)?;
+    std::fs::write(out, data).with_context(|| format!("{}: cannot write", out.display()))?;
+    eprintln!("wrote {} ({} positions, vocab {})", out.display(), s, v);
+    Ok(())
+}
+
+fn to_vec<const D: usize>(t: burn::tensor::Tensor<D>) -> Vec<f32> {
+    t.cast(DType::F32)
+        .into_data()
+        .try_into_vec::<f32>()
+        .expect("f32")
+}

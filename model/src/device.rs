@@ -1,0 +1,164 @@
+//! Choosing the compute device and float type, once, at the edge (CLI flag or app setting). Nothing below
+//! this module knows which backend runs.
+
+use std::fmt;
+use std::str::FromStr;
+
+use burn::tensor::{DType, Device};
+
+use crate::error::{Error, Result};
+
+/// What the user asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// CUDA, else a GPU through wgpu, else the CPU.
+    Auto,
+    /// Burn's pure-Rust `flex` CPU backend.
+    Cpu,
+    /// wgpu (WGSL), whatever adapter it picks (a GPU, or Mesa lavapipe on the CPU).
+    Wgpu,
+    /// wgpu pinned to Vulkan (SPIR-V).
+    Vulkan,
+    /// CUDA device 0.
+    Cuda,
+}
+
+impl FromStr for DeviceChoice {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "wgpu" => Ok(Self::Wgpu),
+            "vulkan" => Ok(Self::Vulkan),
+            "cuda" => Ok(Self::Cuda),
+            other => Err(Error::Device(format!(
+                "unknown device `{other}` (auto, cpu, wgpu, vulkan, cuda)"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Cpu => "cpu",
+            Self::Wgpu => "wgpu",
+            Self::Vulkan => "vulkan",
+            Self::Cuda => "cuda",
+        })
+    }
+}
+
+/// Parses `f32`, `f16` or `bf16`.
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => Err(Error::Device(format!(
+            "unknown dtype `{other}` (f32, f16, bf16)"
+        ))),
+    }
+}
+
+/// A ready device with its float type.
+#[derive(Debug, Clone)]
+pub struct SelectedDevice {
+    /// The Burn device.
+    pub device: Device,
+    /// Float type for weights and activations.
+    pub dtype: DType,
+    /// The backend that was chosen (never `Auto`).
+    pub kind: DeviceChoice,
+}
+
+/// Resolves `choice` (and an optional dtype override) to a working device. Float types: f32 on the CPU,
+/// bf16 on CUDA, f16 on wgpu (WGSL has no bf16).
+pub fn select(choice: DeviceChoice, dtype: Option<DType>) -> Result<SelectedDevice> {
+    let kind = match choice {
+        DeviceChoice::Auto => auto(),
+        other => other,
+    };
+    let device = make(kind)?;
+    let default = match kind {
+        DeviceChoice::Cuda => DType::BF16,
+        DeviceChoice::Wgpu | DeviceChoice::Vulkan => DType::F16,
+        _ => DType::F32,
+    };
+    let dtype = dtype.unwrap_or(default);
+    if dtype == DType::BF16 && matches!(kind, DeviceChoice::Wgpu | DeviceChoice::Vulkan) {
+        return Err(Error::Device(
+            "bf16 is not available on wgpu (WGSL); use f16 or f32".into(),
+        ));
+    }
+    Ok(SelectedDevice {
+        device,
+        dtype,
+        kind,
+    })
+}
+
+fn make(kind: DeviceChoice) -> Result<Device> {
+    let missing = |feature: &str| {
+        Err(Error::Device(format!(
+            "this build has no `{feature}` backend; rebuild with `--features {feature}` (see README)"
+        )))
+    };
+    match kind {
+        DeviceChoice::Cpu => {
+            #[cfg(feature = "cpu")]
+            return Ok(Device::flex());
+            #[cfg(not(feature = "cpu"))]
+            return missing("cpu");
+        }
+        DeviceChoice::Wgpu => {
+            #[cfg(feature = "wgpu")]
+            return Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice));
+            #[cfg(not(feature = "wgpu"))]
+            return missing("wgpu");
+        }
+        DeviceChoice::Vulkan => {
+            #[cfg(feature = "vulkan")]
+            return Ok(Device::vulkan(burn::tensor::DeviceKind::DefaultDevice));
+            #[cfg(not(feature = "vulkan"))]
+            return missing("vulkan");
+        }
+        DeviceChoice::Cuda => {
+            #[cfg(feature = "cuda")]
+            return Ok(Device::cuda(0));
+            #[cfg(not(feature = "cuda"))]
+            return missing("cuda");
+        }
+        DeviceChoice::Auto => unreachable!("resolved by auto()"),
+    }
+}
+
+/// Whether a small computation works on `device` (backends panic when no adapter/driver exists).
+fn works(device: Device) -> bool {
+    std::panic::catch_unwind(move || {
+        let t = burn::tensor::Tensor::<1>::from_floats([1.0, 2.0], &device);
+        t.sum().into_scalar::<f32>() == 3.0
+    })
+    .unwrap_or(false)
+}
+
+fn auto() -> DeviceChoice {
+    #[cfg(feature = "cuda")]
+    if works(Device::cuda(0)) {
+        return DeviceChoice::Cuda;
+    }
+    #[cfg(feature = "wgpu")]
+    for kind in [
+        burn::tensor::DeviceKind::DiscreteGpu(0),
+        burn::tensor::DeviceKind::IntegratedGpu(0),
+    ] {
+        // A real GPU only: wgpu on a software adapter (lavapipe) is slower than the CPU backend.
+        if works(Device::wgpu(kind)) {
+            return DeviceChoice::Wgpu;
+        }
+    }
+    let _ = works;
+    DeviceChoice::Cpu
+}

@@ -1,0 +1,138 @@
+//! A loaded model with its tokenizer, template and preprocessing: what the CLI, the server and the app
+//! share to turn (images, conversation) into generated text.
+
+use std::ops::ControlFlow;
+use std::path::Path;
+
+use burn::tensor::Tensor;
+use image::DynamicImage;
+
+use crate::config::DecoderKind;
+use crate::device::SelectedDevice;
+use crate::error::{Error, Result};
+use crate::generate::{self, GenerateParams, Generation, SamplingParams};
+use crate::imaging::ClipPreprocess;
+use crate::llava::LlavaModel;
+use crate::prompt::{PromptTokenizer, Template, with_image};
+
+/// Model + tokenizer + template.
+pub struct Engine {
+    /// The model.
+    pub model: LlavaModel,
+    /// Its tokenizer.
+    pub tokenizer: PromptTokenizer,
+    /// The conversation template used unless a request names another.
+    pub template: Template,
+    /// Where it runs.
+    pub device: SelectedDevice,
+}
+
+impl Engine {
+    /// Loads the model folder `dir` on `device`; `context` overrides the context length.
+    pub fn load(dir: &Path, device: SelectedDevice, context: Option<usize>) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::config(dir, "model folder not found"));
+        }
+        let tokenizer = PromptTokenizer::from_dir(dir)?;
+        let model = LlavaModel::load(dir, &device.device, device.dtype, context)?;
+        let template = Template::default_for(
+            &model.config.model_type,
+            model.config.text.kind == DecoderKind::Mistral,
+        );
+        Ok(Self {
+            model,
+            tokenizer,
+            template,
+            device,
+        })
+    }
+
+    /// The preprocessing of this model's vision tower.
+    pub fn preprocess(&self) -> Option<ClipPreprocess> {
+        self.model.image_size().map(ClipPreprocess::openai)
+    }
+
+    /// Projected features `[images, tokens, hidden]` for decoded images (`None` for no images).
+    pub fn encode_images(&self, images: &[DynamicImage]) -> Result<Option<Tensor<3>>> {
+        if images.is_empty() {
+            return Ok(None);
+        }
+        let pre = self
+            .preprocess()
+            .ok_or_else(|| Error::Input("this model takes no images (text-only)".into()))?;
+        let pixels = pre.batch(images, &self.device.device);
+        Ok(Some(self.model.encode_images(pixels)?))
+    }
+
+    /// Ids that end an answer: the config's EOS ids plus the template's end-of-turn token.
+    pub fn stop_ids(&self, template: Template) -> Vec<u32> {
+        let mut ids = self.model.config.text.eos_token_ids.clone();
+        for s in template.stop_strings() {
+            if let Some(id) = self.tokenizer.token_id(s) {
+                ids.push(id);
+            }
+        }
+        ids
+    }
+
+    /// Prompt ids for a conversation; with an image, `<image>` goes at the front of the first user turn
+    /// unless the text already places it.
+    pub fn conversation_ids(
+        &self,
+        template: Template,
+        system: Option<&str>,
+        turns: &[(String, Option<String>)],
+        with_images: bool,
+    ) -> Result<Vec<i64>> {
+        let mut turns = turns.to_vec();
+        if with_images && let Some(first) = turns.first_mut() {
+            first.0 = with_image(&first.0);
+        }
+        let text = template.render(system, &turns);
+        let ids = self.tokenizer.encode_prompt(&text)?;
+        let positions = ids.len()
+            + ids.iter().filter(|&&i| i == crate::IMAGE_SLOT).count()
+                * self.model.tokens_per_image().saturating_sub(1);
+        if positions >= self.model.lm.max_positions() {
+            return Err(Error::Input(format!(
+                "context overflow: the prompt needs {positions} positions but the context holds {}",
+                self.model.lm.max_positions()
+            )));
+        }
+        Ok(ids)
+    }
+
+    /// Answers the last turn of a conversation, streaming text to `on_text`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn answer(
+        &self,
+        template: Template,
+        system: Option<&str>,
+        turns: &[(String, Option<String>)],
+        images: &[DynamicImage],
+        sampling: SamplingParams,
+        max_new_tokens: usize,
+        on_text: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        let features = self.encode_images(images)?;
+        let ids = self.conversation_ids(template, system, turns, features.is_some())?;
+        let params = GenerateParams {
+            sampling,
+            max_new_tokens,
+            stop_ids: self.stop_ids(template),
+            stop_strings: template
+                .stop_strings()
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        };
+        generate::generate(
+            &self.model,
+            &self.tokenizer,
+            &ids,
+            features.as_ref(),
+            &params,
+            on_text,
+        )
+    }
+}

@@ -1,0 +1,139 @@
+//! Text generation: one prefill over the prompt, then KV-cached decoding one token at a time, with
+//! sampling, stop conditions, a streaming callback and cancellation.
+
+pub mod sampling;
+
+use std::ops::ControlFlow;
+
+use burn::tensor::{DType, Tensor};
+
+pub use sampling::{Sampler, SamplingParams, argmax};
+
+use crate::error::Result;
+use crate::llava::LlavaModel;
+use crate::lm::KvCache;
+use crate::prompt::{PromptTokenizer, StreamDecoder};
+
+/// Limits and stop conditions of one generation.
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    /// Sampling.
+    pub sampling: SamplingParams,
+    /// Most new tokens.
+    pub max_new_tokens: usize,
+    /// Token ids that end the answer (not emitted).
+    pub stop_ids: Vec<u32>,
+    /// Strings that end the answer (cut from the text).
+    pub stop_strings: Vec<String>,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An EOS id or stop string.
+    Stop,
+    /// `max_new_tokens` or the context was reached.
+    Length,
+    /// The callback asked to stop.
+    Cancelled,
+}
+
+/// The result of a generation.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Generated ids (the stop id excluded).
+    pub tokens: Vec<u32>,
+    /// Their text (stop string cut).
+    pub text: String,
+    /// Why it ended.
+    pub finish: FinishReason,
+    /// Prompt length in positions (image embeddings included).
+    pub prompt_positions: usize,
+}
+
+/// Generates from ids (with [`crate::llava::IMAGE_SLOT`]s) and projected image features, calling
+/// `on_text` with each new piece of text; returning `ControlFlow::Break` from it cancels.
+pub fn generate(
+    model: &LlavaModel,
+    tokenizer: &PromptTokenizer,
+    ids: &[i64],
+    images: Option<&Tensor<3>>,
+    params: &GenerateParams,
+    mut on_text: impl FnMut(&str) -> ControlFlow<()>,
+) -> Result<Generation> {
+    let mut cache = model.new_cache();
+    let embeds = model.embed_sequence(ids, images)?;
+    let prompt_positions = embeds.dims()[1];
+    let mut sampler = Sampler::new(params.sampling.clone());
+    let mut stream = StreamDecoder::default();
+    let mut tokens = Vec::new();
+    let mut logits = model.forward_last(embeds, &mut cache)?;
+    let mut text = String::new();
+    let finish = loop {
+        if tokens.len() >= params.max_new_tokens {
+            break FinishReason::Length;
+        }
+        let next = sampler.sample(&host_logits(logits));
+        if params.stop_ids.contains(&next) {
+            break FinishReason::Stop;
+        }
+        tokens.push(next);
+        if let Some(piece) = stream.push(tokenizer, next)? {
+            text.push_str(&piece);
+            if let Some(cut) = params
+                .stop_strings
+                .iter()
+                .filter_map(|s| text.find(s.as_str()))
+                .min()
+            {
+                text.truncate(cut);
+                break FinishReason::Stop;
+            }
+            if on_text(&piece).is_break() {
+                break FinishReason::Cancelled;
+            }
+        }
+        if cache.len() + 1 > cache.capacity() {
+            break FinishReason::Length;
+        }
+        logits = step(model, &mut cache, next)?;
+    };
+    Ok(Generation {
+        tokens,
+        text,
+        finish,
+        prompt_positions,
+    })
+}
+
+/// Greedy ids by recomputing the whole sequence each step, without the KV cache (a reference for tests).
+pub fn greedy_without_cache(
+    model: &LlavaModel,
+    ids: &[i64],
+    images: Option<&Tensor<3>>,
+    n: usize,
+) -> Result<Vec<u32>> {
+    let mut seq = ids.to_vec();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let mut cache = model.new_cache();
+        let logits = model.forward_last(model.embed_sequence(&seq, images)?, &mut cache)?;
+        let next = argmax(&host_logits(logits));
+        out.push(next);
+        seq.push(i64::from(next));
+    }
+    Ok(out)
+}
+
+fn step(model: &LlavaModel, cache: &mut KvCache, token: u32) -> Result<Tensor<1>> {
+    let embeds = model.embed_sequence(&[i64::from(token)], None)?;
+    model.forward_last(embeds, cache)
+}
+
+fn host_logits(logits: Tensor<1>) -> Vec<f32> {
+    logits
+        .cast(DType::F32)
+        .into_data()
+        .try_into_vec::<f32>()
+        .expect("f32 logits")
+}

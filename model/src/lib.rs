@@ -1,0 +1,20 @@
+//! LLaVA-Med in Burn: configs and weights of both checkpoint layouts, the CLIP vision tower, the projector,
+//! the LLaMA/Mistral decoder with its KV cache, prompts and tokenizers, image preprocessing and generation.
+
+pub mod config;
+pub mod device;
+pub mod engine;
+pub mod error;
+pub mod generate;
+pub mod imaging;
+pub mod llava;
+pub mod lm;
+pub mod norm;
+pub mod projector;
+pub mod prompt;
+pub mod vision;
+pub mod weights;
+
+pub use config::ModelConfig;
+pub use error::{Error, Result};
+pub use llava::{IMAGE_SLOT, LlavaModel};

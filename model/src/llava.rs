@@ -1,0 +1,339 @@
+//! LLaVA: vision tower → projector → image features spliced into the decoder's token embeddings.
+//! Loads both checkpoint layouts (and text-only LLaMA/Mistral checkpoints) from a model folder.
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+
+use crate::config::{
+    Layout, ModelConfig, MultimodalConfig, SelectFeature, VisionConfigSource, find_clip_folder,
+};
+use crate::error::{Error, Result};
+use crate::lm::{Decoder, KvCache};
+use crate::projector::Projector;
+use crate::vision::ClipVisionTower;
+use crate::weights::{WeightFiles, WeightLoader};
+
+/// The id LLaVA uses for "one image goes here" in token sequences.
+pub const IMAGE_SLOT: i64 = -200;
+
+/// Where the vision tower's weights were loaded from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VisionWeightsSource {
+    /// The model checkpoint itself.
+    Checkpoint,
+    /// A separate CLIP folder.
+    ClipFolder(PathBuf),
+}
+
+/// Vision tower and projector.
+#[derive(Module, Debug)]
+pub struct VisionPath {
+    tower: ClipVisionTower,
+    projector: Projector,
+    keep_cls: bool,
+}
+
+/// A loaded model.
+#[derive(Debug)]
+pub struct LlavaModel {
+    /// The parsed config.
+    pub config: ModelConfig,
+    /// The decoder.
+    pub lm: Decoder,
+    /// Absent for text-only checkpoints.
+    pub vision: Option<VisionPath>,
+    /// Where the vision weights came from.
+    pub vision_weights: Option<VisionWeightsSource>,
+    /// Tensors in the checkpoint deliberately not loaded (e.g. vision layers after the selected one).
+    pub skipped_tensors: Vec<String>,
+    /// Folder the model came from.
+    pub dir: PathBuf,
+}
+
+/// Tensor name prefixes of one layout.
+struct Names {
+    lm: &'static str,
+    head: &'static str,
+    vision: &'static str,
+    projector: fn(usize) -> String,
+}
+
+fn names(layout: Layout, linear_projector: bool) -> Names {
+    match layout {
+        Layout::LlavaHf => Names {
+            lm: "language_model.model",
+            head: "language_model.lm_head",
+            vision: "vision_tower.vision_model",
+            projector: |i| format!("multi_modal_projector.linear_{}", i + 1),
+        },
+        Layout::LlavaOriginal | Layout::TextOnly => Names {
+            lm: "model",
+            head: "lm_head",
+            vision: "model.vision_tower.vision_tower.vision_model",
+            // nn.Sequential(Linear, GELU, Linear, …): linear layers at even indices; a plain Linear otherwise.
+            projector: if linear_projector {
+                |_| "model.mm_projector".to_string()
+            } else {
+                |i| format!("model.mm_projector.{}", 2 * i)
+            },
+        },
+    }
+}
+
+impl LlavaModel {
+    /// Loads the model in `dir` onto `device` with float type `dtype`; `max_context` bounds prompts and
+    /// caches (defaults to the config's context).
+    pub fn load(
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+        max_context: Option<usize>,
+    ) -> Result<Self> {
+        let config = ModelConfig::from_dir(dir)?;
+        let files = WeightFiles::open_dir(dir)?;
+        let mut w = files.loader(device, dtype);
+        let linear = matches!(
+            config.multimodal.as_ref().map(|m| m.projector),
+            Some(crate::config::ProjectorKind::Linear)
+        );
+        let n = names(config.layout, linear);
+        let context = max_context.unwrap_or(config.max_context).max(1);
+        let lm = Decoder::load(&mut w, n.lm, n.head, &config.text, context)?;
+        let (vision, vision_weights, mut skipped) = match &config.multimodal {
+            None => (None, None, Vec::new()),
+            Some(mm) => {
+                let (v, src, skipped) = load_vision(&mut w, &files, &n, mm, &config, dir)?;
+                (Some(v), Some(src), skipped)
+            }
+        };
+        let vision_prefix = format!("{}.", n.vision);
+        skipped.extend(w.finish(|name| {
+            // Parts of the tower LLaVA never runs, and buffers some exporters add.
+            name.starts_with(&vision_prefix)
+                || name.ends_with("rotary_emb.inv_freq")
+                || (config.text.tie_word_embeddings && name == format!("{}.weight", n.head))
+        })?);
+        Ok(Self {
+            config,
+            lm,
+            vision,
+            vision_weights,
+            skipped_tensors: skipped,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The multimodal config, if this is a LLaVA model.
+    pub fn multimodal(&self) -> Option<&MultimodalConfig> {
+        self.config.multimodal.as_ref()
+    }
+
+    /// Side of the square image the vision tower takes, if any.
+    pub fn image_size(&self) -> Option<usize> {
+        self.vision.as_ref().map(|v| v.tower.image_size())
+    }
+
+    /// Image embeddings per image.
+    pub fn tokens_per_image(&self) -> usize {
+        self.multimodal()
+            .map_or(0, MultimodalConfig::tokens_per_image)
+    }
+
+    /// Float type of the weights.
+    pub fn dtype(&self) -> DType {
+        self.lm.dtype()
+    }
+
+    /// Number of parameters loaded (decoder, vision tower, projector).
+    pub fn num_params(&self) -> (usize, usize, usize) {
+        let (t, p) = self
+            .vision
+            .as_ref()
+            .map_or((0, 0), |v| (v.tower.num_params(), v.projector.num_params()));
+        (self.lm.num_params(), t, p)
+    }
+
+    /// The selected vision hidden state, class token included: `[images, 1 + patches, vision_hidden]`.
+    pub fn vision_hidden(&self, pixels: Tensor<4>) -> Result<Tensor<3>> {
+        let v = self
+            .vision
+            .as_ref()
+            .ok_or_else(|| Error::Input("this model has no vision tower".into()))?;
+        Ok(v.tower.forward(pixels.cast(self.dtype())))
+    }
+
+    /// Projected image features `[images, tokens_per_image, hidden]` for pixels `[images, 3, size, size]`.
+    pub fn encode_images(&self, pixels: Tensor<4>) -> Result<Tensor<3>> {
+        let hidden = self.vision_hidden(pixels)?;
+        let v = self.vision.as_ref().expect("checked by vision_hidden");
+        let [n, t, d] = hidden.dims();
+        let feats = if v.keep_cls {
+            hidden
+        } else {
+            hidden.slice([0..n, 1..t, 0..d])
+        };
+        Ok(v.projector.forward(feats))
+    }
+
+    /// Input embeddings `[1, seq, hidden]` for ids where [`IMAGE_SLOT`] stands for one whole image and, for
+    /// llava-hf checkpoints, each `image_token_index` for one image embedding, both filled in order from
+    /// `images` (`[images, tokens_per_image, hidden]`). The counts must match exactly.
+    pub fn embed_sequence(&self, ids: &[i64], images: Option<&Tensor<3>>) -> Result<Tensor<3>> {
+        let device = self.lm_device();
+        let vocab = self.lm.vocab_size() as i64;
+        let image_token = self
+            .multimodal()
+            .and_then(|m| m.image_token_index)
+            .map(i64::from);
+        let rows = images.map(|t| {
+            let [n, p, d] = t.dims();
+            t.clone().reshape([n * p, d])
+        });
+        let per_image = self.tokens_per_image();
+        let available = rows.as_ref().map_or(0, |r| r.dims()[0]);
+        let mut parts = Vec::new();
+        let mut text: Vec<i64> = Vec::new();
+        let mut used = 0usize;
+        let flush = |text: &mut Vec<i64>, parts: &mut Vec<Tensor<3>>| {
+            if !text.is_empty() {
+                let n = text.len();
+                let t = Tensor::<2, Int>::from_data(
+                    TensorData::new(std::mem::take(text), [1, n]),
+                    &device,
+                );
+                parts.push(self.lm.embed(t));
+            }
+        };
+        let mut i = 0;
+        while i < ids.len() {
+            let id = ids[i];
+            let run = if id == IMAGE_SLOT {
+                per_image
+            } else if Some(id) == image_token {
+                ids[i..].iter().take_while(|&&x| x == id).count()
+            } else {
+                if !(0..vocab).contains(&id) {
+                    return Err(Error::Input(format!(
+                        "token id {id} at position {i} is outside the vocabulary (0..{vocab})"
+                    )));
+                }
+                text.push(id);
+                i += 1;
+                continue;
+            };
+            if per_image == 0 {
+                return Err(Error::Input(
+                    "the prompt has an image slot but this model has no vision tower".into(),
+                ));
+            }
+            if used + run > available {
+                return Err(Error::Input(format!(
+                    "the prompt asks for {} image embeddings but {} were given ({} per image)",
+                    used + run,
+                    available,
+                    per_image
+                )));
+            }
+            flush(&mut text, &mut parts);
+            let r = rows.as_ref().expect("available > 0");
+            parts.push(r.clone().narrow(0, used, run).unsqueeze::<3>());
+            used += run;
+            i += if id == IMAGE_SLOT { 1 } else { run };
+        }
+        flush(&mut text, &mut parts);
+        if used != available {
+            return Err(Error::Input(format!(
+                "{} image(s) given but the prompt has room for {} image embedding(s) ({} per image)",
+                available / per_image.max(1),
+                used,
+                per_image
+            )));
+        }
+        if parts.is_empty() {
+            return Err(Error::Input("empty prompt".into()));
+        }
+        Ok(Tensor::cat(parts, 1))
+    }
+
+    /// Runs new positions through the decoder, returning logits `[1, seq, vocab]` for all of them.
+    pub fn forward(&self, embeds: Tensor<3>, cache: &mut KvCache) -> Result<Tensor<3>> {
+        let h = self.lm.forward_embeds(embeds, cache)?;
+        Ok(self.lm.logits(h))
+    }
+
+    /// Runs new positions and returns the logits of the last one only `[vocab]` (what decoding needs).
+    pub fn forward_last(&self, embeds: Tensor<3>, cache: &mut KvCache) -> Result<Tensor<1>> {
+        let h = self.lm.forward_embeds(embeds, cache)?;
+        let [b, s, d] = h.dims();
+        let last = h.slice([0..b, s - 1..s, 0..d]);
+        Ok(self.lm.logits(last).flatten::<1>(0, 2))
+    }
+
+    /// A fresh KV cache for one sequence of the model's context length.
+    pub fn new_cache(&self) -> KvCache {
+        self.lm.new_cache(1, self.lm.max_positions())
+    }
+
+    /// The device the weights live on.
+    pub fn lm_device(&self) -> Device {
+        self.lm.devices().first().cloned().unwrap_or_default()
+    }
+}
+
+fn load_vision(
+    w: &mut WeightLoader,
+    files: &WeightFiles,
+    n: &Names,
+    mm: &MultimodalConfig,
+    config: &ModelConfig,
+    dir: &Path,
+) -> Result<(VisionPath, VisionWeightsSource, Vec<String>)> {
+    let layers = mm.vision_layers_used();
+    let probe = format!("{}.embeddings.class_embedding", n.vision);
+    let (tower, source, skipped) = if w.contains(&probe) {
+        (
+            ClipVisionTower::load(w, n.vision, &mm.vision, layers)?,
+            VisionWeightsSource::Checkpoint,
+            Vec::new(),
+        )
+    } else {
+        // Not in the checkpoint: the CLIP folder named by the config (or found next to the model).
+        let folder = match &mm.vision_source {
+            VisionConfigSource::ClipFolder(f) => f.clone(),
+            _ => find_clip_folder(mm.vision_tower_name.as_deref(), dir).ok_or_else(|| {
+                Error::weights(
+                    dir,
+                    format!(
+                        "the checkpoint has no vision tower weights and no CLIP folder was found for `{}`",
+                        mm.vision_tower_name.as_deref().unwrap_or("?")
+                    ),
+                )
+            })?,
+        };
+        let clip = WeightFiles::open_dir(&folder)?;
+        let mut cw = clip.loader(w.device(), w.dtype());
+        let tower = ClipVisionTower::load(&mut cw, "vision_model", &mm.vision, layers)?;
+        let skipped = cw.finish(|_| true)?;
+        (tower, VisionWeightsSource::ClipFolder(folder), skipped)
+    };
+    let _ = files;
+    let projector_names: Vec<String> = (0..8).map(n.projector).collect();
+    let projector = Projector::load(
+        w,
+        &projector_names,
+        mm.projector,
+        mm.vision.hidden_size,
+        config.text.hidden_size,
+    )?;
+    Ok((
+        VisionPath {
+            tower,
+            projector,
+            keep_cls: mm.select_feature == SelectFeature::ClsPatch,
+        },
+        source,
+        skipped,
+    ))
+}

@@ -1,0 +1,151 @@
+//! Grouped-query self-attention with RoPE, the KV cache and an optional sliding window.
+
+use burn::module::Module;
+use burn::nn::Linear;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Int, Tensor};
+
+use super::kv_cache::KvCache;
+use super::rope::Rope;
+use crate::config::TextConfig;
+use crate::error::Result;
+use crate::weights::WeightLoader;
+
+/// LLaMA/Mistral attention (no biases).
+#[derive(Module, Debug)]
+pub struct SelfAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    sliding_window: Option<usize>,
+}
+
+impl SelfAttention {
+    /// Loads `{prefix}.{q,k,v,o}_proj`.
+    pub fn load(w: &mut WeightLoader, prefix: &str, c: &TextConfig) -> Result<Self> {
+        let (d, q, kv) = (
+            c.hidden_size,
+            c.num_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+        );
+        Ok(Self {
+            q_proj: w.linear(&format!("{prefix}.q_proj"), d, q, false)?,
+            k_proj: w.linear(&format!("{prefix}.k_proj"), d, kv, false)?,
+            v_proj: w.linear(&format!("{prefix}.v_proj"), d, kv, false)?,
+            o_proj: w.linear(&format!("{prefix}.o_proj"), q, d, false)?,
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            sliding_window: c.sliding_window,
+        })
+    }
+
+    /// Attends the new positions `x` to themselves and everything cached before them.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]` (positions `cache.len()..cache.len() + seq`)
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &Rope,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Tensor<3> {
+        let [b, seq, _] = x.dims();
+        let offset = cache.len();
+        let split =
+            |t: Tensor<3>, heads: usize| t.reshape([b, seq, heads, self.head_dim]).swap_dims(1, 2);
+        let q = rope.apply(
+            split(self.q_proj.forward(x.clone()), self.num_heads),
+            offset,
+        );
+        let k = rope.apply(
+            split(self.k_proj.forward(x.clone()), self.num_kv_heads),
+            offset,
+        );
+        let v = split(self.v_proj.forward(x), self.num_kv_heads);
+        let (k, v) = cache.append(layer, k, v);
+        let total = k.dims()[2];
+        let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
+        let windowed = self.sliding_window.is_some_and(|w| total > w);
+        let out = if windowed {
+            let mask = window_mask(
+                seq,
+                total,
+                self.sliding_window.unwrap_or(total),
+                &q.device(),
+            )
+            .unsqueeze::<4>()
+            .expand([b, self.num_heads, seq, total]);
+            attention(q, k, v, Some(mask), None, AttentionModuleOptions::default())
+        } else {
+            // Causal with the diagonal aligned bottom-right, which is right for a cached prefix too.
+            let options = AttentionModuleOptions {
+                is_causal: seq > 1,
+                ..Default::default()
+            };
+            attention(q, k, v, None, None, options)
+        };
+        self.o_proj.forward(
+            out.swap_dims(1, 2)
+                .reshape([b, seq, self.num_heads * self.head_dim]),
+        )
+    }
+
+    /// Repeats each KV head for its group of query heads.
+    fn repeat_kv(&self, t: Tensor<4>) -> Tensor<4> {
+        let groups = self.num_heads / self.num_kv_heads;
+        if groups == 1 {
+            return t;
+        }
+        let [b, h, s, d] = t.dims();
+        t.unsqueeze_dim::<5>(2)
+            .expand([b, h, groups, s, d])
+            .reshape([b, h * groups, s, d])
+    }
+}
+
+/// `true` where query `i` (absolute position `total - seq + i`) must not see key `j`: the future, and keys
+/// `window` or more positions back (Mistral's sliding window).
+fn window_mask(
+    seq: usize,
+    total: usize,
+    window: usize,
+    device: &burn::tensor::Device,
+) -> Tensor<2, Bool> {
+    let offset = (total - seq) as i64;
+    let rows = Tensor::<1, Int>::arange(offset..offset + seq as i64, device).reshape([seq, 1]);
+    let cols = Tensor::<1, Int>::arange(0..total as i64, device).reshape([1, total]);
+    let rows = rows.expand([seq, total]);
+    let cols = cols.expand([seq, total]);
+    let future = cols.clone().greater(rows.clone());
+    let too_old = cols.lower_equal(rows - window as i64);
+    future.bool_or(too_old)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_mask_hides_future_and_old_keys() {
+        let device = burn::tensor::Device::default();
+        let m: Vec<bool> = window_mask(2, 5, 2, &device)
+            .into_data()
+            .try_into_vec()
+            .unwrap();
+        // query positions 3 and 4; keys 0..5; a window of 2 sees itself and one back.
+        assert_eq!(
+            m,
+            vec![
+                true, true, false, false, true, true, true, true, false, false
+            ]
+        );
+    }
+}

@@ -1,0 +1,108 @@
+//! Key/value cache for KV-cached decoding: preallocated per layer, written in place, so a decode step
+//! does not copy the whole cache.
+
+use burn::tensor::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+
+/// One layer's keys and values.
+#[derive(Debug, Clone)]
+struct LayerCache {
+    k: Tensor<4>,
+    v: Tensor<4>,
+}
+
+/// The cache of all layers plus the number of positions filled.
+///
+/// # Shapes
+/// each layer holds k and v of `[batch, kv_heads, capacity, head_dim]`
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    len: usize,
+    capacity: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `capacity` positions.
+    pub fn new(
+        num_layers: usize,
+        batch: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        capacity: usize,
+        device: &Device,
+        dtype: DType,
+    ) -> Self {
+        let zeros = || Tensor::<4>::zeros([batch, kv_heads, capacity, head_dim], (device, dtype));
+        let layers = (0..num_layers)
+            .map(|_| LayerCache {
+                k: zeros(),
+                v: zeros(),
+            })
+            .collect();
+        Self {
+            layers,
+            len: 0,
+            capacity,
+        }
+    }
+
+    /// Positions already filled (the position of the next token).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Most positions the cache can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Forgets everything (keeps the memory).
+    pub fn reset(&mut self) {
+        self.len = 0;
+    }
+
+    /// Drops positions after `len` (e.g. to regenerate an answer).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Fails if `extra` more positions do not fit.
+    pub fn check_room(&self, extra: usize) -> Result<()> {
+        if self.len + extra > self.capacity {
+            return Err(Error::Input(format!(
+                "context overflow: {} cached + {extra} new positions exceed the context of {} tokens",
+                self.len, self.capacity
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes layer `layer`'s new keys/values at the current end and returns all cached ones (new included).
+    /// The caller advances the length with [`KvCache::advance`] once every layer is written.
+    pub fn append(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        let [b, h, seq, d] = k.dims();
+        let (start, end) = (self.len, self.len + seq);
+        let entry = &mut self.layers[layer];
+        // `slice_assign` on a uniquely owned tensor updates it in place on Burn's backends.
+        let kc = std::mem::replace(&mut entry.k, k.clone());
+        entry.k = kc.slice_assign([0..b, 0..h, start..end, 0..d], k);
+        let vc = std::mem::replace(&mut entry.v, v.clone());
+        entry.v = vc.slice_assign([0..b, 0..h, start..end, 0..d], v);
+        (
+            entry.k.clone().narrow(2, 0, end),
+            entry.v.clone().narrow(2, 0, end),
+        )
+    }
+
+    /// Marks `seq` more positions as filled.
+    pub fn advance(&mut self, seq: usize) {
+        self.len += seq;
+    }
+}

@@ -1,0 +1,166 @@
+//! LLaMA/Mistral decoder: token embedding, pre-norm layers (RMSNorm, attention, SwiGLU), final norm and
+//! output head (tied or untied). Exposes [`Decoder::embed`] and [`Decoder::forward_embeds`] so LLaVA can
+//! splice image features between the token embeddings.
+
+pub mod attention;
+pub mod kv_cache;
+pub mod mlp;
+pub mod rope;
+
+use burn::module::Module;
+use burn::nn::{Embedding, Linear};
+use burn::tensor::{DType, Int, Tensor};
+
+use crate::config::TextConfig;
+use crate::error::Result;
+use crate::norm::RmsNorm;
+use crate::weights::WeightLoader;
+use attention::SelfAttention;
+pub use kv_cache::KvCache;
+use mlp::SwiGlu;
+use rope::Rope;
+
+/// One decoder layer.
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: SelfAttention,
+    post_attention_layernorm: RmsNorm,
+    mlp: SwiGlu,
+}
+
+impl DecoderLayer {
+    fn forward(&self, x: Tensor<3>, rope: &Rope, cache: &mut KvCache, layer: usize) -> Tensor<3> {
+        let x = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), rope, cache, layer);
+        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
+    }
+}
+
+/// The language model.
+#[derive(Module, Debug)]
+pub struct Decoder {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    /// `None` when tied to the embedding.
+    lm_head: Option<Linear>,
+    rope: Rope,
+    num_kv_heads: usize,
+    head_dim: usize,
+    vocab_size: usize,
+}
+
+impl Decoder {
+    /// Loads a decoder whose layers live under `prefix` (e.g. `model` or `language_model.model`) and whose
+    /// untied head is `head` (e.g. `lm_head`); `max_positions` sizes the RoPE tables.
+    pub fn load(
+        w: &mut WeightLoader,
+        prefix: &str,
+        head: &str,
+        c: &TextConfig,
+        max_positions: usize,
+    ) -> Result<Self> {
+        let d = c.hidden_size;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let lp = format!("{prefix}.layers.{i}");
+            layers.push(DecoderLayer {
+                input_layernorm: RmsNorm::load(
+                    w,
+                    &format!("{lp}.input_layernorm"),
+                    d,
+                    c.rms_norm_eps,
+                )?,
+                self_attn: SelfAttention::load(w, &format!("{lp}.self_attn"), c)?,
+                post_attention_layernorm: RmsNorm::load(
+                    w,
+                    &format!("{lp}.post_attention_layernorm"),
+                    d,
+                    c.rms_norm_eps,
+                )?,
+                mlp: SwiGlu::load(w, &format!("{lp}.mlp"), d, c.intermediate_size)?,
+            });
+        }
+        // Some "tied" checkpoints still carry a copy of the head; use it only when the config says untied.
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(w.linear(head, d, c.vocab_size, false)?)
+        };
+        Ok(Self {
+            embed_tokens: w.embedding(&format!("{prefix}.embed_tokens.weight"), c.vocab_size, d)?,
+            layers,
+            norm: RmsNorm::load(w, &format!("{prefix}.norm"), d, c.rms_norm_eps)?,
+            lm_head,
+            rope: Rope::new(
+                c.head_dim,
+                c.rope_theta,
+                max_positions,
+                w.device(),
+                w.dtype(),
+            ),
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            vocab_size: c.vocab_size,
+        })
+    }
+
+    /// Vocabulary size.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// Float type of the weights.
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.weight.val().dtype()
+    }
+
+    /// Longest sequence the RoPE tables cover.
+    pub fn max_positions(&self) -> usize {
+        self.rope.max_positions()
+    }
+
+    /// An empty KV cache for `capacity` positions (at most [`Decoder::max_positions`]).
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
+        let device = self.embed_tokens.weight.val().device();
+        KvCache::new(
+            self.layers.len(),
+            batch,
+            self.num_kv_heads,
+            self.head_dim,
+            capacity.min(self.max_positions()),
+            &device,
+            self.dtype(),
+        )
+    }
+
+    /// Token embeddings: `[batch, seq]` ids → `[batch, seq, hidden]`.
+    pub fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        self.embed_tokens.forward(ids)
+    }
+
+    /// Runs the layers over new positions given as embeddings, appending them to `cache`; returns the final
+    /// normalised hidden states `[batch, seq, hidden]`.
+    pub fn forward_embeds(&self, x: Tensor<3>, cache: &mut KvCache) -> Result<Tensor<3>> {
+        let seq = x.dims()[1];
+        cache.check_room(seq)?;
+        let x = self
+            .layers
+            .iter()
+            .enumerate()
+            .fold(x, |x, (i, layer)| layer.forward(x, &self.rope, cache, i));
+        cache.advance(seq);
+        Ok(self.norm.forward(x))
+    }
+
+    /// Output logits `[batch, seq, vocab]` for hidden states `[batch, seq, hidden]`.
+    pub fn logits(&self, h: Tensor<3>) -> Tensor<3> {
+        match &self.lm_head {
+            Some(head) => head.forward(h),
+            None => h.matmul(self.embed_tokens.weight.val().transpose().unsqueeze()),
+        }
+    }
+}

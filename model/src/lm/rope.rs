@@ -1,0 +1,99 @@
+//! Rotary position embedding in the Hugging Face "rotate half" layout: dimension i is paired with
+//! i + head_dim/2 (not with its neighbour, as Burn's `RotaryEncoding` does).
+
+use burn::module::Module;
+use burn::tensor::{DType, Device, Tensor, TensorData};
+
+/// Precomputed cos/sin tables for positions `0..max_positions`.
+#[derive(Module, Debug)]
+pub struct Rope {
+    cos: Tensor<2>,
+    sin: Tensor<2>,
+}
+
+impl Rope {
+    /// Tables for `head_dim` and base `theta`, computed like transformers (inverse frequencies and angles
+    /// in f32), stored in `dtype`.
+    pub fn new(
+        head_dim: usize,
+        theta: f64,
+        max_positions: usize,
+        device: &Device,
+        dtype: DType,
+    ) -> Self {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(max_positions * head_dim);
+        let mut sin = Vec::with_capacity(max_positions * head_dim);
+        for pos in 0..max_positions {
+            for _ in 0..2 {
+                for f in &inv_freq {
+                    let angle = pos as f32 * f;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        let table = |v: Vec<f32>| {
+            Tensor::<2>::from_data(
+                TensorData::new(v, [max_positions, head_dim]),
+                (device, DType::F32),
+            )
+            .cast(dtype)
+        };
+        Self {
+            cos: table(cos),
+            sin: table(sin),
+        }
+    }
+
+    /// Largest position + 1 the tables cover.
+    pub fn max_positions(&self) -> usize {
+        self.cos.dims()[0]
+    }
+
+    /// Rotates `x` for positions `offset..offset + seq`.
+    ///
+    /// # Shapes
+    /// - x: `[batch, heads, seq, head_dim]`
+    pub fn apply(&self, x: Tensor<4>, offset: usize) -> Tensor<4> {
+        let [_, _, seq, d] = x.dims();
+        let cos = self
+            .cos
+            .clone()
+            .slice([offset..offset + seq])
+            .reshape([1, 1, seq, d]);
+        let sin = self
+            .sin
+            .clone()
+            .slice([offset..offset + seq])
+            .reshape([1, 1, seq, d]);
+        let x1 = x.clone().narrow(3, 0, d / 2);
+        let x2 = x.clone().narrow(3, d / 2, d / 2);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * cos + rotated * sin
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotates_half_pairs() {
+        let device = Device::default();
+        let rope = Rope::new(4, 10_000.0, 8, &device, DType::F32);
+        // x = (1, 0, 0, 0) at position 3: pair (0, 2) rotates by 3 rad, pair (1, 3) by 3/100 rad.
+        let x = Tensor::<4>::from_data(
+            TensorData::new(vec![1.0f32, 0.0, 0.0, 0.0], [1, 1, 1, 4]),
+            &device,
+        );
+        let y: Vec<f32> = rope.apply(x, 3).into_data().try_into_vec().unwrap();
+        let expected = [3f32.cos(), 0.0, 3f32.sin(), 0.0];
+        for (a, b) in y.iter().zip(expected) {
+            assert!((a - b).abs() < 1e-6, "{y:?}");
+        }
+    }
+}

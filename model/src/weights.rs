@@ -1,0 +1,394 @@
+//! Safetensors checkpoints: single files or shards with `model.safetensors.index.json`, memory-mapped and
+//! converted one tensor at a time to the backend's float type, so loading needs little more memory than the
+//! loaded model. Every tensor taken is checked for presence and shape; what is left over is reported.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use burn::module::Param;
+use burn::nn::{Embedding, Linear};
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{Error, Result};
+
+/// One memory-mapped safetensors file with its parsed header.
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    tensors: HashMap<String, TensorEntry>,
+}
+
+#[derive(Clone, Debug)]
+struct TensorEntry {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// The tensors of a checkpoint, across all its shards.
+pub struct WeightFiles {
+    dir: PathBuf,
+    shards: Vec<Shard>,
+    /// tensor name → shard index
+    index: BTreeMap<String, usize>,
+}
+
+impl WeightFiles {
+    /// Opens the checkpoint in `dir`: `model.safetensors.index.json` when present (every shard it names must
+    /// exist), else `model.safetensors`, else every `*.safetensors` file in the folder.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index_path.is_file() {
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::weights(&index_path, format!("not valid JSON: {e}")))?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::weights(&index_path, "missing `weight_map`"))?;
+            let mut names: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+            names.sort_unstable();
+            names.dedup();
+            for name in &names {
+                let p = dir.join(name);
+                if !p.is_file() {
+                    return Err(Error::weights(
+                        &p,
+                        "shard listed in model.safetensors.index.json is missing",
+                    ));
+                }
+            }
+            names.into_iter().map(|n| dir.join(n)).collect()
+        } else if dir.join("model.safetensors").is_file() {
+            vec![dir.join("model.safetensors")]
+        } else {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|e| Error::io(dir, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .collect();
+            found.sort();
+            if found.is_empty() {
+                return Err(Error::weights(
+                    dir,
+                    "no *.safetensors weights in this folder",
+                ));
+            }
+            found
+        };
+        Self::open_files(dir, &files)
+    }
+
+    /// Opens an explicit list of files.
+    pub fn open_files(dir: &Path, files: &[PathBuf]) -> Result<Self> {
+        let mut shards = Vec::with_capacity(files.len());
+        let mut index = BTreeMap::new();
+        for (i, path) in files.iter().enumerate() {
+            let shard = open_shard(path)?;
+            for name in shard.tensors.keys() {
+                if let Some(prev) = index.insert(name.clone(), i) {
+                    return Err(Error::weights(
+                        path,
+                        format!("tensor `{name}` also appears in {}", files[prev].display()),
+                    ));
+                }
+            }
+            shards.push(shard);
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            shards,
+            index,
+        })
+    }
+
+    /// The folder the weights came from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether a tensor exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// All tensor names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    /// Shape of a tensor, if present.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.index
+            .get(name)
+            .map(|&i| self.shards[i].tensors[name].shape.as_slice())
+    }
+
+    /// The stored dtype of the first floating tensor (what `inspect` reports).
+    pub fn stored_dtype(&self) -> Option<String> {
+        let (name, &i) = self.index.iter().next()?;
+        Some(format!("{:?}", self.shards[i].tensors[name].dtype))
+    }
+
+    /// Total bytes of all tensors on disk.
+    pub fn total_bytes(&self) -> usize {
+        self.shards
+            .iter()
+            .flat_map(|s| s.tensors.values())
+            .map(|t| t.end - t.start)
+            .sum()
+    }
+
+    /// A loader that creates tensors of `dtype` on `device`.
+    pub fn loader(&self, device: &Device, dtype: DType) -> WeightLoader<'_> {
+        WeightLoader {
+            files: self,
+            device: device.clone(),
+            dtype,
+            used: HashSet::new(),
+        }
+    }
+
+    /// Reads a tensor as f32 values (host), checking its shape.
+    fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let &i = self.index.get(name).ok_or_else(|| {
+            Error::weights(
+                &self.dir,
+                format!("missing tensor `{name}` (expected shape {expected:?})"),
+            )
+        })?;
+        let shard = &self.shards[i];
+        let entry = &shard.tensors[name];
+        if entry.shape != expected {
+            return Err(Error::weights(
+                &shard.path,
+                format!(
+                    "tensor `{name}` has shape {:?}, expected {expected:?}",
+                    entry.shape
+                ),
+            ));
+        }
+        let bytes = &shard.mmap[shard.data_start + entry.start..shard.data_start + entry.end];
+        let values = match entry.dtype {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(Error::weights(
+                    &shard.path,
+                    format!(
+                        "tensor `{name}` is {other:?}; only F32, F16 and BF16 weights are supported"
+                    ),
+                ));
+            }
+        };
+        Ok(values)
+    }
+}
+
+fn open_shard(path: &Path) -> Result<Shard> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the map is read-only; a checkpoint modified on disk while we run is not supported.
+    let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+        let hint = match e {
+            safetensors::SafeTensorError::MetadataIncompleteBuffer => {
+                "file is truncated or has trailing bytes"
+            }
+            safetensors::SafeTensorError::HeaderTooSmall
+            | safetensors::SafeTensorError::InvalidHeaderLength => "file is too short or truncated",
+            _ => "not a valid safetensors file",
+        };
+        Error::weights(path, format!("{hint} ({e})"))
+    })?;
+    let tensors = metadata
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| {
+            let entry = TensorEntry {
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                start: info.data_offsets.0,
+                end: info.data_offsets.1,
+            };
+            (name, entry)
+        })
+        .collect();
+    Ok(Shard {
+        path: path.to_path_buf(),
+        mmap,
+        data_start: 8 + header_len,
+        tensors,
+    })
+}
+
+/// Creates Burn parameters from checkpoint tensors, remembering which were used.
+pub struct WeightLoader<'a> {
+    files: &'a WeightFiles,
+    device: Device,
+    dtype: DType,
+    used: HashSet<String>,
+}
+
+impl WeightLoader<'_> {
+    /// The device tensors are created on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The float type tensors are created in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Whether the checkpoint holds `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.files.contains(name)
+    }
+
+    /// A tensor of exactly `shape`.
+    pub fn tensor<const D: usize>(&mut self, name: &str, shape: [usize; D]) -> Result<Tensor<D>> {
+        let values = self.files.read_f32(name, &shape)?;
+        self.used.insert(name.to_string());
+        Ok(self.upload(values, shape.to_vec()))
+    }
+
+    /// A PyTorch `nn.Linear` (`{prefix}.weight` [out, in], optional `{prefix}.bias`) as a Burn [`Linear`]
+    /// (weight stored [in, out]).
+    pub fn linear(
+        &mut self,
+        prefix: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+    ) -> Result<Linear> {
+        let name = format!("{prefix}.weight");
+        let w = self.files.read_f32(&name, &[d_out, d_in])?;
+        self.used.insert(name);
+        let weight = self.upload(transpose(&w, d_out, d_in), vec![d_in, d_out]);
+        let bias = if bias {
+            Some(Param::from_tensor(
+                self.tensor(&format!("{prefix}.bias"), [d_out])?,
+            ))
+        } else {
+            None
+        };
+        Ok(Linear {
+            weight: Param::from_tensor(weight),
+            bias,
+        })
+    }
+
+    /// An embedding table `{name}` [n, d].
+    pub fn embedding(&mut self, name: &str, n: usize, d: usize) -> Result<Embedding> {
+        Ok(Embedding {
+            weight: Param::from_tensor(self.tensor(name, [n, d])?),
+        })
+    }
+
+    fn upload<const D: usize>(&self, values: Vec<f32>, shape: Vec<usize>) -> Tensor<D> {
+        let data = match self.dtype {
+            DType::F16 => {
+                TensorData::new(values.into_iter().map(half::f16::from_f32).collect(), shape)
+            }
+            DType::BF16 => TensorData::new(
+                values.into_iter().map(half::bf16::from_f32).collect(),
+                shape,
+            ),
+            _ => TensorData::new(values, shape),
+        };
+        Tensor::from_data(data, (&self.device, self.dtype))
+    }
+
+    /// Fails when the checkpoint holds tensors nothing took, except those `ignorable` accepts (parts of the
+    /// checkpoint this model does not run, such as vision layers after the selected one).
+    pub fn finish(self, ignorable: impl Fn(&str) -> bool) -> Result<Vec<String>> {
+        let mut ignored = Vec::new();
+        let mut unexpected = Vec::new();
+        for name in self.files.names() {
+            if self.used.contains(name) {
+                continue;
+            }
+            if ignorable(name) {
+                ignored.push(name.to_string())
+            } else {
+                unexpected.push(name.to_string())
+            }
+        }
+        if !unexpected.is_empty() {
+            let shown: Vec<&str> = unexpected.iter().take(5).map(String::as_str).collect();
+            return Err(Error::weights(
+                &self.files.dir,
+                format!(
+                    "{} unexpected tensor(s) in the checkpoint, e.g. `{}`; is this the right layout or config?",
+                    unexpected.len(),
+                    shown.join("`, `")
+                ),
+            ));
+        }
+        Ok(ignored)
+    }
+}
+
+/// Row-major [rows, cols] → [cols, rows], blocked for cache friendliness.
+fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const B: usize = 32;
+    let mut dst = vec![0.0f32; src.len()];
+    for r0 in (0..rows).step_by(B) {
+        for c0 in (0..cols).step_by(B) {
+            for r in r0..(r0 + B).min(rows) {
+                for c in c0..(c0 + B).min(cols) {
+                    dst[c * rows + r] = src[r * cols + c];
+                }
+            }
+        }
+    }
+    dst
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose_is_exact() {
+        let src: Vec<f32> = (0..(70 * 45)).map(|x| x as f32).collect();
+        let t = transpose(&src, 70, 45);
+        for r in 0..70 {
+            for c in 0..45 {
+                assert_eq!(t[c * 70 + r], src[r * 45 + c]);
+            }
+        }
+    }
+
+    #[test]
+    fn truncated_file_is_a_clear_error() {
+        let dir = std::env::temp_dir().join(format!("llava-med-trunc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tiny-llava-hf-llama/model.safetensors");
+        let bytes = std::fs::read(src).unwrap();
+        std::fs::write(dir.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+        let err = WeightFiles::open_dir(&dir).err().unwrap().to_string();
+        assert!(
+            err.contains("model.safetensors") && err.contains("truncated"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

