@@ -17,5 +17,5 @@ if [ ! -f "$model/config.json" ]; then
 fi
 image="${1:-assets/samples/phantom-ct.png}"
 question="${2:-What does this image show?}"
-cargo run -q -p llava-med --bin llava-med -- generate --model "$model" --image "$image" --prompt "$question" \
+cargo run -q -p llava-med --features wgpu --bin llava-med -- generate --model "$model" --image "$image" --prompt "$question" \
   --device "${LLAVA_MED_DEVICE:-auto}" --max-new-tokens "${LLAVA_MED_MAX_NEW_TOKENS:-128}"

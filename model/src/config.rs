@@ -344,7 +344,7 @@ fn text_config(cfg: &Fields, kind: DecoderKind) -> Result<TextConfig> {
         .usize("num_key_value_heads")?
         .or(d_kv)
         .unwrap_or(num_heads);
-    if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+    if num_heads == 0 || num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
         return Err(cfg.err(format!(
             "num_attention_heads ({num_heads}) must be a positive multiple of num_key_value_heads ({num_kv_heads})"
         )));
@@ -430,9 +430,9 @@ fn vision_config(cfg: &Fields) -> Result<VisionConfig> {
         activation,
     };
     if v.patch_size == 0
-        || v.image_size % v.patch_size != 0
+        || !v.image_size.is_multiple_of(v.patch_size)
         || v.num_heads == 0
-        || v.hidden_size % v.num_heads != 0
+        || !v.hidden_size.is_multiple_of(v.num_heads)
     {
         return Err(
             cfg.err("inconsistent vision config (image_size/patch_size or hidden_size/heads)")

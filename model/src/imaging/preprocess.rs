@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 /// CLIP's normalisation mean (OpenAI).
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 /// CLIP's normalisation standard deviation (OpenAI).
-pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 /// Decodes a PNG/JPEG (any format the `image` crate reads) from a file.
 pub fn load_image(path: &Path) -> Result<DynamicImage> {

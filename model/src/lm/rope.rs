@@ -63,12 +63,12 @@ impl Rope {
         let cos = self
             .cos
             .clone()
-            .slice([offset..offset + seq])
+            .narrow(0, offset, seq)
             .reshape([1, 1, seq, d]);
         let sin = self
             .sin
             .clone()
-            .slice([offset..offset + seq])
+            .narrow(0, offset, seq)
             .reshape([1, 1, seq, d]);
         let x1 = x.clone().narrow(3, 0, d / 2);
         let x2 = x.clone().narrow(3, d / 2, d / 2);
