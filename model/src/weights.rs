@@ -174,8 +174,9 @@ impl WeightFiles {
                 ),
             ));
         }
-        let bytes = &shard.mmap[shard.data_start + entry.start..shard.data_start + entry.end];
-        let values = match entry.dtype {
+        let (start, end) = (shard.data_start + entry.start, shard.data_start + entry.end);
+        let bytes = &shard.mmap[start..end];
+        let values: Vec<f32> = match entry.dtype {
             Dtype::F32 => bytes
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -197,8 +198,26 @@ impl WeightFiles {
                 ));
             }
         };
+        release_pages(&shard.mmap, start, end);
         Ok(values)
     }
+}
+
+/// Drops the mapped pages of a tensor already converted, so the file's pages do not stay resident beside
+/// the loaded model (which would double peak memory).
+fn release_pages(mmap: &Mmap, start: usize, end: usize) {
+    #[cfg(unix)]
+    {
+        const PAGE: usize = 4096;
+        let aligned = start / PAGE * PAGE;
+        // SAFETY: the map is a read-only file mapping and no slice into this range outlives the caller's
+        // conversion; dropped pages are read again from the file if anything touches them later.
+        let _ = unsafe {
+            mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, aligned, end - aligned)
+        };
+    }
+    #[cfg(not(unix))]
+    let _ = (mmap, start, end);
 }
 
 fn open_shard(path: &Path) -> Result<Shard> {

@@ -160,7 +160,9 @@ impl Decoder {
     pub fn logits(&self, h: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
             Some(head) => head.forward(h),
-            None => h.matmul(self.embed_tokens.weight.val().transpose().unsqueeze()),
+            // W·hᵀ then transpose the (small) result: transposing the [vocab, hidden] table instead would
+            // materialise a copy of it on every call.
+            None => self.embed_tokens.weight.val().unsqueeze::<3>().matmul(h.swap_dims(1, 2)).swap_dims(1, 2),
         }
     }
 }

@@ -84,3 +84,40 @@ fn smollm2_answers_the_capital_of_france() {
     );
     assert_eq!(streamed, g.text);
 }
+
+/// Loading converts tensor by tensor and releases the mapped file pages: the peak resident memory of a
+/// process that loads the model stays near the model's size, not twice it.
+#[cfg(target_os = "linux")]
+#[test]
+fn loading_peak_memory_stays_near_model_size() {
+    let Some(dir) = required_test_data("smollm2-135m-instruct") else {
+        return;
+    };
+    let model_bytes = std::fs::metadata(dir.join("model.safetensors"))
+        .unwrap()
+        .len() as f64;
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_llava-med"))
+        .args(["inspect", "--device", "cpu", "--model"])
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // ru_maxrss of waited-for children (KiB); this child is the largest any test in this binary starts.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    assert_eq!(
+        unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) },
+        0
+    );
+    let peak = usage.ru_maxrss as f64 * 1024.0;
+    eprintln!(
+        "peak RSS while loading SmolLM2: {:.0} MB for {:.0} MB of f32 weights ({:.2}x)",
+        peak / 1e6,
+        model_bytes / 1e6,
+        peak / model_bytes
+    );
+    assert!(
+        peak < 1.5 * model_bytes,
+        "peak {peak} bytes for a {model_bytes}-byte model"
+    );
+}
