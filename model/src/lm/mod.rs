@@ -162,7 +162,13 @@ impl Decoder {
             Some(head) => head.forward(h),
             // W·hᵀ then transpose the (small) result: transposing the [vocab, hidden] table instead would
             // materialise a copy of it on every call.
-            None => self.embed_tokens.weight.val().unsqueeze::<3>().matmul(h.swap_dims(1, 2)).swap_dims(1, 2),
+            None => self
+                .embed_tokens
+                .weight
+                .val()
+                .unsqueeze::<3>()
+                .matmul(h.swap_dims(1, 2))
+                .swap_dims(1, 2),
         }
     }
 }

@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod common;
+mod generation;
 mod parity;
 mod preprocess;
 mod real_weights;

@@ -1,0 +1,193 @@
+//! Generation behaviour beyond greedy parity: seeded sampling, cancellation, streaming of multi-byte
+//! characters, the vision tower loaded from a separate CLIP folder, and the interactive chat.
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::process::{Command, Stdio};
+
+use burn::tensor::{DType, Device};
+use llava_med::device::{DeviceChoice, SelectedDevice};
+use llava_med::engine::Engine;
+use llava_med::generate::{FinishReason, SamplingParams};
+use llava_med::imaging::load_image;
+use llava_med::llava::VisionWeightsSource;
+use llava_med::prompt::{PromptTokenizer, StreamDecoder};
+
+use crate::common::fixture;
+
+fn cpu() -> SelectedDevice {
+    SelectedDevice {
+        device: Device::flex(),
+        dtype: DType::F32,
+        kind: DeviceChoice::Cpu,
+    }
+}
+
+fn ask(
+    engine: &Engine,
+    sampling: SamplingParams,
+    stop_after: Option<usize>,
+) -> (Vec<u32>, FinishReason) {
+    let img = load_image(&fixture("tiny-llava-med-mistral/image.png")).unwrap();
+    let mut pieces = 0;
+    let g = engine
+        .answer(
+            engine.template,
+            None,
+            &[("What is shown?".into(), None)],
+            &[img],
+            sampling,
+            16,
+            |_| {
+                pieces += 1;
+                if stop_after.is_some_and(|n| pieces >= n) {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            },
+        )
+        .unwrap();
+    (g.tokens, g.finish)
+}
+
+#[test]
+fn seeded_sampling_repeats_and_cancellation_stops() {
+    let engine = Engine::load(&fixture("tiny-llava-med-mistral"), cpu(), None).unwrap();
+    let hot = |seed| SamplingParams {
+        temperature: 1.5,
+        top_p: 0.95,
+        seed,
+    };
+    let (a, _) = ask(&engine, hot(5), None);
+    let (b, _) = ask(&engine, hot(5), None);
+    assert_eq!(a, b, "same seed, same tokens");
+    let others: Vec<Vec<u32>> = (6..10).map(|s| ask(&engine, hot(s), None).0).collect();
+    assert!(
+        others.iter().any(|o| *o != a),
+        "different seeds should sample differently"
+    );
+    let (greedy, finish) = ask(&engine, SamplingParams::default(), None);
+    assert_eq!(finish, FinishReason::Length);
+    assert_eq!(greedy.len(), 16);
+    let (cut, finish) = ask(&engine, SamplingParams::default(), Some(2));
+    assert_eq!(finish, FinishReason::Cancelled);
+    assert!(cut.len() < greedy.len() && greedy.starts_with(&cut));
+}
+
+#[test]
+fn streaming_keeps_multibyte_characters_whole() {
+    let tok = PromptTokenizer::from_dir(&fixture("tiny-tokenizer")).unwrap();
+    let text = "é 中文 ünïcödé x-ray 3.5mm";
+    let ids: Vec<u32> = tok.encode_text(text).unwrap().into_iter().skip(1).collect();
+    let mut stream = StreamDecoder::default();
+    let mut out = String::new();
+    for id in ids {
+        if let Some(piece) = stream.push(&tok, id).unwrap() {
+            assert!(!piece.contains('\u{FFFD}'), "broken character in {piece:?}");
+            out.push_str(&piece);
+        }
+    }
+    assert_eq!(out, text);
+}
+
+#[test]
+fn vision_tower_from_a_separate_clip_folder() {
+    // Move the tower's tensors out of the checkpoint into clip-vision/ under CLIP's own names.
+    let src = fixture("tiny-llava-med-mistral");
+    let dir = std::env::temp_dir().join(format!("llava-med-clipfolder-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("clip-vision")).unwrap();
+    for f in [
+        "config.json",
+        "tokenizer.model",
+        "model.safetensors.index.json",
+        "model-00001-of-00002.safetensors",
+    ] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    std::fs::copy(
+        src.join("clip-vision/config.json"),
+        dir.join("clip-vision/config.json"),
+    )
+    .unwrap();
+    let bytes = std::fs::read(src.join("model-00002-of-00002.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let prefix = "model.vision_tower.vision_tower.";
+    let (vision, rest): (Vec<_>, Vec<_>) = st
+        .tensors()
+        .into_iter()
+        .partition(|(n, _)| n.starts_with(prefix));
+    let vision: Vec<_> = vision
+        .into_iter()
+        .map(|(n, t)| (n[prefix.len()..].to_string(), t))
+        .collect();
+    std::fs::write(
+        dir.join("clip-vision/model.safetensors"),
+        safetensors::serialize(vision, None).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("model-00002-of-00002.safetensors"),
+        safetensors::serialize(rest, None).unwrap(),
+    )
+    .unwrap();
+
+    let moved = Engine::load(&dir, cpu(), None).unwrap();
+    assert_eq!(
+        moved.model.vision_weights,
+        Some(VisionWeightsSource::ClipFolder(dir.join("clip-vision")))
+    );
+    let original = Engine::load(&src, cpu(), None).unwrap();
+    assert_eq!(
+        original.model.vision_weights,
+        Some(VisionWeightsSource::Checkpoint)
+    );
+    assert_eq!(
+        ask(&moved, SamplingParams::default(), None),
+        ask(&original, SamplingParams::default(), None)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn chat_answers_turns_and_attaches_images() {
+    let dir = fixture("tiny-llava-med-mistral");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llava-med"))
+        .args([
+            "chat",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "4",
+            "--model",
+        ])
+        .arg(&dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let script = format!(
+        "Is there a fracture?\n/image {}\nWhat is shown?\nAnd the size?\n/image /nonexistent.png\n/quit\n",
+        dir.join("image.png").display()
+    );
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        3,
+        "one answer line per question"
+    );
+    assert!(
+        stderr.contains("image attached") && stderr.contains("/nonexistent.png"),
+        "{stderr}"
+    );
+}
