@@ -135,30 +135,46 @@ fn make(kind: DeviceChoice) -> Result<Device> {
     }
 }
 
-/// Whether a small computation works on `device` (backends panic when no adapter/driver exists).
-fn works(device: Device) -> bool {
-    std::panic::catch_unwind(move || {
-        let t = burn::tensor::Tensor::<1>::from_floats([1.0, 2.0], &device);
-        t.sum().into_scalar::<f32>() == 3.0
-    })
-    .unwrap_or(false)
-}
-
 fn auto() -> DeviceChoice {
     #[cfg(feature = "cuda")]
-    if works(Device::cuda(0)) {
+    if nvidia_driver_present() {
         return DeviceChoice::Cuda;
     }
     #[cfg(feature = "wgpu")]
-    for kind in [
-        burn::tensor::DeviceKind::DiscreteGpu(0),
-        burn::tensor::DeviceKind::IntegratedGpu(0),
-    ] {
-        // A real GPU only: wgpu on a software adapter (lavapipe) is slower than the CPU backend.
-        if works(Device::wgpu(kind)) {
-            return DeviceChoice::Wgpu;
-        }
+    if gpu_adapter().is_some() {
+        return DeviceChoice::Wgpu;
     }
-    let _ = works;
     DeviceChoice::Cpu
+}
+
+/// Whether the NVIDIA driver is loaded (probing CUDA itself aborts noisily when it is not).
+#[cfg(feature = "cuda")]
+fn nvidia_driver_present() -> bool {
+    if cfg!(target_os = "linux") {
+        std::path::Path::new("/proc/driver/nvidia/version").exists()
+    } else {
+        true
+    }
+}
+
+/// A real GPU among the Vulkan/Metal/DX12 adapters: a software adapter (lavapipe, llvmpipe) is slower than
+/// the CPU backend, so `auto` skips it.
+#[cfg(feature = "wgpu")]
+pub fn gpu_adapter() -> Option<String> {
+    let backends = wgpu::Backends::PRIMARY;
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends,
+        ..wgpu::InstanceDescriptor::new_without_display_handle()
+    });
+    let adapters = futures_lite::future::block_on(instance.enumerate_adapters(backends));
+    adapters
+        .iter()
+        .map(wgpu::Adapter::get_info)
+        .find(|i| {
+            matches!(
+                i.device_type,
+                wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu
+            )
+        })
+        .map(|i| format!("{} ({:?})", i.name, i.backend))
 }

@@ -50,6 +50,8 @@ pub struct LlavaModel {
     pub skipped_tensors: Vec<String>,
     /// Folder the model came from.
     pub dir: PathBuf,
+    /// Float type of the tensors on disk (e.g. `BF16`).
+    pub stored_dtype: Option<String>,
 }
 
 /// Tensor name prefixes of one layout.
@@ -104,7 +106,7 @@ impl LlavaModel {
         let (vision, vision_weights, mut skipped) = match &config.multimodal {
             None => (None, None, Vec::new()),
             Some(mm) => {
-                let (v, src, skipped) = load_vision(&mut w, &files, &n, mm, &config, dir)?;
+                let (v, src, skipped) = load_vision(&mut w, &n, mm, &config, dir)?;
                 (Some(v), Some(src), skipped)
             }
         };
@@ -122,6 +124,7 @@ impl LlavaModel {
             vision_weights,
             skipped_tensors: skipped,
             dir: dir.to_path_buf(),
+            stored_dtype: files.stored_dtype(),
         })
     }
 
@@ -284,7 +287,6 @@ impl LlavaModel {
 
 fn load_vision(
     w: &mut WeightLoader,
-    files: &WeightFiles,
     n: &Names,
     mm: &MultimodalConfig,
     config: &ModelConfig,
@@ -318,7 +320,6 @@ fn load_vision(
         let skipped = cw.finish(|_| true)?;
         (tower, VisionWeightsSource::ClipFolder(folder), skipped)
     };
-    let _ = files;
     let projector_names: Vec<String> = (0..8).map(n.projector).collect();
     let projector = Projector::load(
         w,

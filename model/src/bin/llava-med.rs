@@ -135,9 +135,18 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Mesa's EGL otherwise probes Wayland/X11 when wgpu lists OpenGL adapters and prints errors about a
+    // missing display; compute needs none. Set before any thread exists.
+    if std::env::var_os("EGL_PLATFORM").is_none() {
+        // SAFETY: single-threaded at this point.
+        unsafe { std::env::set_var("EGL_PLATFORM", "surfaceless") };
+    }
+    // Our own warnings by default; `LLAVA_MED_LOG=info` (or any EnvFilter directive) for more.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LLAVA_MED_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("llava_med=warn"));
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("LLAVA_MED_LOG"))
+        .with_env_filter(filter)
         .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -354,8 +363,9 @@ fn inspect(model: &Path, device: &DeviceArgs) -> Result<()> {
         lm + tower + proj
     );
     println!(
-        "stored dtype:     {}",
-        c.torch_dtype.as_deref().unwrap_or("?")
+        "stored dtype:     {} (config says {})",
+        m.stored_dtype.as_deref().unwrap_or("?"),
+        c.torch_dtype.as_deref().unwrap_or("nothing")
     );
     println!(
         "loaded as:        {:?} on {}",

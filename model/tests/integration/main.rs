@@ -1,6 +1,6 @@
 //! Integration tests of the `llava-med` crate, in one binary (one link of Burn instead of many).
 
-mod bad_input;
+mod cli;
 mod common;
 mod generation;
 mod parity;

@@ -1,4 +1,5 @@
-//! Bad input through the CLI: each gives one line naming the file and the problem, exit code 1, no panic.
+//! The `llava-med` command: bad input gives one line naming the file and the problem, exit code 1, no panic;
+//! and the commands work on the fixture models.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -240,4 +241,28 @@ fn cli_generate_tokenize_and_logits_work_on_the_fixture() {
     assert_eq!(r.f32("image_features").1, vec![16, 64]);
     assert_eq!(r.f32("pixel_values").1, vec![3, 56, 56]);
     std::fs::remove_file(out).unwrap();
+}
+
+#[test]
+fn inspect_reports_layout_sizes_and_sources() {
+    let out = Command::new(env!("CARGO_BIN_EXE_llava-med"))
+        .args(["inspect", "--device", "cpu", "--model"])
+        .arg(fixture("tiny-llava-med-mistral"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for needle in [
+        "LlavaOriginal (model_type llava_mistral)",
+        "Mistral, 2 layers, hidden 64, 4 heads / 2 kv heads",
+        "2 of 3 layers used (select layer -2), 16 image tokens",
+        "ClipFolder(",
+        "vision weights:   Checkpoint",
+        "stored dtype:     F32",
+        "template:         mistral_instruct",
+        "tokenizer.model",
+        "not loaded:       18 tensors",
+    ] {
+        assert!(text.contains(needle), "`{needle}` missing from:\n{text}");
+    }
 }
