@@ -395,6 +395,91 @@ mod tests {
         }
     }
 
+    fn scratch(tag: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("llava-med-weights-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn half_precision_weights_convert_exactly_and_other_types_are_refused() {
+        let dir = scratch("dtypes");
+        let vals = [0.5f32, -1.25, 3.0, 1e-3];
+        let bf: Vec<u8> = vals
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        let f16: Vec<u8> = vals
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect();
+        let ints: Vec<u8> = [1i64, 2].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let views = vec![
+            (
+                "a",
+                safetensors::tensor::TensorView::new(Dtype::BF16, vec![2, 2], &bf).unwrap(),
+            ),
+            (
+                "b",
+                safetensors::tensor::TensorView::new(Dtype::F16, vec![4], &f16).unwrap(),
+            ),
+            (
+                "c",
+                safetensors::tensor::TensorView::new(Dtype::I64, vec![2], &ints).unwrap(),
+            ),
+        ];
+        std::fs::write(
+            dir.join("model.safetensors"),
+            safetensors::serialize(views, None).unwrap(),
+        )
+        .unwrap();
+        let files = WeightFiles::open_dir(&dir).unwrap();
+        let device = Device::default();
+        for dtype in [DType::F32, DType::F16] {
+            let mut w = files.loader(&device, dtype);
+            let a: Vec<f32> = w
+                .tensor("a", [2, 2])
+                .unwrap()
+                .cast(DType::F32)
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec()
+                .unwrap();
+            let b: Vec<f32> = w
+                .tensor("b", [4])
+                .unwrap()
+                .cast(DType::F32)
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec()
+                .unwrap();
+            let want_b: Vec<f32> = vals
+                .iter()
+                .map(|v| half::f16::from_f32(*v).to_f32())
+                .collect();
+            assert_eq!(b, want_b);
+            if dtype == DType::F32 {
+                let want_a: Vec<f32> = vals
+                    .iter()
+                    .map(|v| half::bf16::from_f32(*v).to_f32())
+                    .collect();
+                assert_eq!(a, want_a);
+            }
+            let err = w.tensor::<1>("c", [2]).unwrap_err().to_string();
+            assert!(err.contains("`c` is I64"), "{err}");
+            let err = w.tensor::<1>("a", [4]).unwrap_err().to_string();
+            assert!(err.contains("`a` has shape [2, 2], expected [4]"), "{err}");
+            let err = w.finish(|_| false).unwrap_err().to_string();
+            assert!(
+                err.contains("unexpected tensor") && err.contains("`c`"),
+                "{err}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn truncated_file_is_a_clear_error() {
         let dir = std::env::temp_dir().join(format!("llava-med-trunc-{}", std::process::id()));

@@ -148,4 +148,54 @@ fn parity_on_wgpu() {
     let device = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
     check_fixture("tiny-llava-hf-llama", &device, 1e-3);
     check_fixture("tiny-llava-med-mistral", &device, 1e-3);
+    check_sliding_window(&device, 1e-3);
+}
+
+/// Mistral's sliding window (8 positions, a 28-token prompt) and multi-query attention (1 KV head), text
+/// only: logits and greedy decoding through the KV cache against transformers.
+fn check_sliding_window(device: &Device, tol: f32) {
+    let dir = fixture("tiny-mistral-sliding");
+    let reference = Reference::open(&dir.join("reference.safetensors"));
+    let model = LlavaModel::load(&dir, device, DType::F32, None).unwrap();
+    assert_eq!(model.config.text.sliding_window, Some(8));
+    let ids = reference.i64("input_ids");
+    let mut cache = model.new_cache();
+    let logits = model
+        .forward(model.embed_sequence(&ids, None).unwrap(), &mut cache)
+        .unwrap();
+    assert_close(
+        "sliding-window Mistral logits",
+        &to_vec(logits),
+        &reference.f32("logits").0,
+        tol,
+    );
+    let want: Vec<u32> = reference
+        .i64("greedy_tokens")
+        .iter()
+        .map(|&t| t as u32)
+        .collect();
+    let tok = PromptTokenizer::from_dir(&dir).unwrap();
+    let params = GenerateParams {
+        sampling: SamplingParams::default(),
+        max_new_tokens: want.len(),
+        stop_ids: vec![],
+        stop_strings: vec![],
+    };
+    let cached = generate(&model, &tok, &ids, None, &params, |_| {
+        std::ops::ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert_eq!(
+        cached.tokens, want,
+        "KV-cached greedy with a sliding window"
+    );
+    assert_eq!(
+        greedy_without_cache(&model, &ids, None, want.len()).unwrap(),
+        want
+    );
+}
+
+#[test]
+fn sliding_window_mistral_matches_transformers_on_cpu() {
+    check_sliding_window(&Device::flex(), 1e-4);
 }
