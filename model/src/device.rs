@@ -161,6 +161,11 @@ fn nvidia_driver_present() -> bool {
 /// the CPU backend, so `auto` skips it.
 #[cfg(feature = "wgpu")]
 pub fn gpu_adapter() -> Option<String> {
+    // No GPU device node on Linux: nothing to find, and listing would only wake the software drivers
+    // (which print complaints about the missing display on headless machines).
+    if cfg!(target_os = "linux") && !linux_gpu_nodes_present() {
+        return None;
+    }
     let backends = wgpu::Backends::PRIMARY;
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
         backends,
@@ -177,4 +182,16 @@ pub fn gpu_adapter() -> Option<String> {
             )
         })
         .map(|i| format!("{} ({:?})", i.name, i.backend))
+}
+
+/// Whether Linux exposes a GPU: a DRM render node or an NVIDIA device.
+#[cfg(feature = "wgpu")]
+fn linux_gpu_nodes_present() -> bool {
+    let render_node = std::fs::read_dir("/dev/dri")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .any(|e| e.file_name().to_string_lossy().starts_with("renderD"))
+        })
+        .unwrap_or(false);
+    render_node || std::path::Path::new("/dev/nvidia0").exists()
 }
