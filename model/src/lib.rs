@@ -1,6 +1,8 @@
 //! LLaVA-Med in Burn: configs and weights of both checkpoint layouts, the CLIP vision tower, the projector,
 //! the LLaMA/Mistral decoder with its KV cache, prompts and tokenizers, image preprocessing and generation.
 
+#![warn(missing_docs)]
+
 pub mod config;
 pub mod device;
 pub mod engine;
