@@ -4,11 +4,13 @@ use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors};
 
-/// `model/tests/fixtures/<name>`.
+/// `model/tests/fixtures/<name>`, or under `LLAVA_MED_FIXTURES` when the test binary runs away from the
+/// checkout it was built in (the GPU check carries it to another machine).
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    match std::env::var_os("LLAVA_MED_FIXTURES") {
+        Some(dir) => PathBuf::from(dir).join(name),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name),
+    }
 }
 
 /// Downloaded test data (`scripts/fetch-test-data.sh`), if present.
