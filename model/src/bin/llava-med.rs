@@ -1,4 +1,4 @@
-//! `llava-med`: run LLaVA-Med from the command line (generate, chat, inspect, tokenize, logits).
+//! `llava-med`: run LLaVA-Med from the command line (generate, chat, inspect, tokenize, logits, render).
 
 use std::io::{BufRead, Write};
 use std::ops::ControlFlow;
@@ -8,11 +8,12 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use burn::tensor::DType;
 use clap::{Args, Parser, Subcommand};
+use image::DynamicImage;
 use llava_med::IMAGE_SLOT;
 use llava_med::device::{DeviceChoice, parse_dtype, select};
 use llava_med::engine::Engine;
 use llava_med::generate::SamplingParams;
-use llava_med::imaging::load_image;
+use llava_med::imaging::{DicomFile, DicomOptions, WindowChoice, is_dicom, open_any};
 use llava_med::prompt::{PromptTokenizer, Template};
 
 #[derive(Parser)]
@@ -61,6 +62,42 @@ struct SamplingArgs {
     seed: u64,
 }
 
+#[derive(Args, Clone)]
+struct ImageArgs {
+    /// Image: PNG, JPEG, TIFF or DICOM.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// DICOM frame to use, 0-based (default 0).
+    #[arg(long)]
+    frame: Option<usize>,
+    /// Window for DICOM and 16-bit grey images: default (the file's), auto, soft-tissue, lung, bone,
+    /// brain, liver, or CENTER,WIDTH.
+    #[arg(long, allow_hyphen_values = true)]
+    window: Option<String>,
+}
+
+impl ImageArgs {
+    fn window(&self) -> Result<Option<WindowChoice>> {
+        self.window
+            .as_deref()
+            .map(|w| w.parse::<WindowChoice>().map_err(anyhow::Error::msg))
+            .transpose()
+    }
+
+    /// Opens `path` with this frame and window.
+    fn open(&self, path: &Path) -> Result<DynamicImage> {
+        Ok(open_any(path, self.frame, self.window()?)?)
+    }
+
+    /// The image given with `--image`, if any.
+    fn load(&self) -> Result<Option<DynamicImage>> {
+        if self.image.is_none() && (self.frame.is_some() || self.window.is_some()) {
+            bail!("--frame and --window need --image");
+        }
+        self.image.as_deref().map(|p| self.open(p)).transpose()
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Answer one question about an image, streaming the answer to stdout.
@@ -68,9 +105,8 @@ enum Command {
         /// Model folder.
         #[arg(long)]
         model: PathBuf,
-        /// PNG or JPEG image.
-        #[arg(long)]
-        image: Option<PathBuf>,
+        #[command(flatten)]
+        image: ImageArgs,
         /// The question.
         #[arg(long)]
         prompt: String,
@@ -84,9 +120,9 @@ enum Command {
         /// Model folder.
         #[arg(long)]
         model: PathBuf,
-        /// Image to start with.
-        #[arg(long)]
-        image: Option<PathBuf>,
+        /// Image to start with (`--frame`/`--window` also apply to `/image`).
+        #[command(flatten)]
+        image: ImageArgs,
         #[command(flatten)]
         sampling: SamplingArgs,
         #[command(flatten)]
@@ -117,9 +153,8 @@ enum Command {
         /// Model folder.
         #[arg(long)]
         model: PathBuf,
-        /// PNG or JPEG image.
-        #[arg(long)]
-        image: Option<PathBuf>,
+        #[command(flatten)]
+        image: ImageArgs,
         /// Raw prompt (tokenised like LLaVA, `<image>` = image slot).
         #[arg(long, conflicts_with = "input_ids")]
         prompt: Option<String>,
@@ -131,6 +166,21 @@ enum Command {
         out: PathBuf,
         #[command(flatten)]
         device: DeviceArgs,
+    },
+    /// Render an image (a DICOM frame through its window) to the 8-bit PNG the model would see.
+    Render {
+        /// Image: DICOM, PNG, JPEG or TIFF.
+        #[arg(long)]
+        image: PathBuf,
+        /// DICOM frame, 0-based (default 0).
+        #[arg(long)]
+        frame: Option<usize>,
+        /// default (the file's), auto, soft-tissue, lung, bone, brain, liver, or CENTER,WIDTH.
+        #[arg(long, allow_hyphen_values = true)]
+        window: Option<String>,
+        /// Output PNG (default: the image's file stem + `.png` in the current folder).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -167,10 +217,7 @@ fn run(cli: Cli) -> Result<()> {
             device,
         } => {
             let engine = load(&model, &device)?;
-            let images = image
-                .iter()
-                .map(|p| load_image(p))
-                .collect::<Result<Vec<_>, _>>()?;
+            let images: Vec<DynamicImage> = image.load()?.into_iter().collect();
             let template = template(&engine, sampling.template.as_deref())?;
             let mut out = std::io::stdout().lock();
             engine.answer(
@@ -215,7 +262,13 @@ fn run(cli: Cli) -> Result<()> {
             input_ids,
             out,
             device,
-        } => logits(&model, image.as_deref(), prompt, input_ids, &out, &device),
+        } => logits(&model, &image, prompt, input_ids, &out, &device),
+        Command::Render {
+            image,
+            frame,
+            window,
+            out,
+        } => render(&image, frame, window.as_deref(), out),
     }
 }
 
@@ -244,16 +297,13 @@ fn sampling_params(s: &SamplingArgs) -> SamplingParams {
 
 fn chat(
     model: &Path,
-    image: Option<PathBuf>,
+    image: ImageArgs,
     sampling: &SamplingArgs,
     device: &DeviceArgs,
 ) -> Result<()> {
+    let mut images: Vec<DynamicImage> = image.load()?.into_iter().collect();
     let engine = load(model, device)?;
     let template = template(&engine, sampling.template.as_deref())?;
-    let mut images = image
-        .iter()
-        .map(|p| load_image(p))
-        .collect::<Result<Vec<_>, _>>()?;
     let mut turns: Vec<(String, Option<String>)> = Vec::new();
     eprintln!(
         "llava-med chat ({template}); /image PATH attaches an image, /reset starts over, /quit ends."
@@ -279,7 +329,7 @@ fn chat(
             continue;
         }
         if let Some(path) = line.strip_prefix("/image") {
-            match load_image(Path::new(path.trim())) {
+            match image.open(Path::new(path.trim())) {
                 Ok(img) => {
                     // LLaVA-Med sees one image at the start of the conversation: a new image starts over.
                     images = vec![img];
@@ -386,12 +436,13 @@ fn inspect(model: &Path, device: &DeviceArgs) -> Result<()> {
 
 fn logits(
     model: &Path,
-    image: Option<&Path>,
+    image: &ImageArgs,
     prompt: Option<String>,
     input_ids: Option<String>,
     out: &Path,
     device: &DeviceArgs,
 ) -> Result<()> {
+    let loaded = image.load()?;
     let engine = load(model, device)?;
     let ids: Vec<i64> = match (prompt, input_ids) {
         (Some(p), None) => engine.tokenizer.encode_prompt(&p)?,
@@ -406,9 +457,8 @@ fn logits(
         _ => bail!("give exactly one of --prompt or --input-ids"),
     };
     let mut tensors: Vec<(&str, Vec<f32>, Vec<usize>)> = Vec::new();
-    let features = match image {
-        Some(path) => {
-            let img = load_image(path)?;
+    let features = match loaded {
+        Some(img) => {
             let pre = engine.preprocess().context("this model takes no images")?;
             let pixels = pre.batch(std::slice::from_ref(&img), &engine.device.device);
             let hidden = engine.model.vision_hidden(pixels.clone())?;
@@ -468,4 +518,53 @@ fn to_vec<const D: usize>(t: burn::tensor::Tensor<D>) -> Vec<f32> {
         .into_data()
         .try_into_vec::<f32>()
         .expect("f32")
+}
+
+fn render(
+    image: &Path,
+    frame: Option<usize>,
+    window: Option<&str>,
+    out: Option<PathBuf>,
+) -> Result<()> {
+    let choice = window
+        .map(|w| w.parse::<WindowChoice>().map_err(anyhow::Error::msg))
+        .transpose()?;
+    let out = match out {
+        Some(o) => o,
+        None => {
+            let stem = image
+                .file_stem()
+                .with_context(|| format!("{}: no file name", image.display()))?;
+            let mut name = stem.to_os_string();
+            name.push(".png");
+            PathBuf::from(name)
+        }
+    };
+    if out == image {
+        bail!(
+            "{}: the output would overwrite the input; give --out",
+            out.display()
+        );
+    }
+    let rendered = if is_dicom(image) {
+        let file = DicomFile::open(image, DicomOptions::default())?;
+        let r = file.render(frame.unwrap_or(0), choice.unwrap_or(WindowChoice::Default))?;
+        eprintln!("{}: {}", image.display(), file.summary());
+        if !matches!(r.image, DynamicImage::ImageRgb8(_)) {
+            eprintln!("window: {}", r.window);
+        }
+        r.image
+    } else {
+        open_any(image, frame, choice)?
+    };
+    rendered
+        .save_with_format(&out, image::ImageFormat::Png)
+        .with_context(|| format!("{}: cannot write PNG", out.display()))?;
+    eprintln!(
+        "wrote {} ({}×{})",
+        out.display(),
+        rendered.width(),
+        rendered.height()
+    );
+    Ok(())
 }

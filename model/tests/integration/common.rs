@@ -9,7 +9,9 @@ use safetensors::{Dtype, SafeTensors};
 pub fn fixture(name: &str) -> PathBuf {
     match std::env::var_os("LLAVA_MED_FIXTURES") {
         Some(dir) => PathBuf::from(dir).join(name),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name),
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod cli;
 mod common;
+mod dicom;
 mod generation;
 mod parity;
 mod preprocess;
