@@ -423,7 +423,7 @@ mod tests {
             ),
             (
                 "b",
-                safetensors::tensor::TensorView::new(Dtype::F16, vec![4], &f16).unwrap(),
+                safetensors::tensor::TensorView::new(Dtype::F16, vec![2, 2], &f16).unwrap(),
             ),
             (
                 "c",
@@ -439,22 +439,12 @@ mod tests {
         let device = Device::default();
         for dtype in [DType::F32, DType::F16] {
             let mut w = files.loader(&device, dtype);
-            let a: Vec<f32> = w
-                .tensor("a", [2, 2])
-                .unwrap()
-                .cast(DType::F32)
-                .into_data()
-                .convert::<f32>()
-                .try_into_vec()
-                .unwrap();
-            let b: Vec<f32> = w
-                .tensor("b", [4])
-                .unwrap()
-                .cast(DType::F32)
-                .into_data()
-                .convert::<f32>()
-                .try_into_vec()
-                .unwrap();
+            let mut read = |name: &str, shape: [usize; 2]| -> Vec<f32> {
+                let t = w.tensor(name, shape).unwrap().cast(DType::F32);
+                t.into_data().convert::<f32>().try_into_vec().unwrap()
+            };
+            let a = read("a", [2, 2]);
+            let b = read("b", [2, 2]);
             let want_b: Vec<f32> = vals
                 .iter()
                 .map(|v| half::f16::from_f32(*v).to_f32())

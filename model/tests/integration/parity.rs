@@ -67,6 +67,18 @@ fn check_fixture(name: &str, device: &Device, tol: f32) {
     );
 
     // Greedy decoding: KV cache = full recomputation = transformers.
+    check_greedy(name, &model, &tok, &ids, Some(&feats), &reference);
+}
+
+/// KV-cached greedy decoding and greedy by recomputing the whole sequence both give the reference tokens.
+fn check_greedy(
+    name: &str,
+    model: &LlavaModel,
+    tok: &PromptTokenizer,
+    ids: &[i64],
+    feats: Option<&burn::tensor::Tensor<3>>,
+    reference: &Reference,
+) {
     let want: Vec<u32> = reference
         .i64("greedy_tokens")
         .iter()
@@ -78,7 +90,7 @@ fn check_fixture(name: &str, device: &Device, tol: f32) {
         stop_ids: vec![],
         stop_strings: vec![],
     };
-    let cached = generate(&model, &tok, &ids, Some(&feats), &params, |_| {
+    let cached = generate(model, tok, ids, feats, &params, |_| {
         std::ops::ControlFlow::Continue(())
     })
     .unwrap();
@@ -86,7 +98,7 @@ fn check_fixture(name: &str, device: &Device, tol: f32) {
         cached.tokens, want,
         "{name}: KV-cached greedy tokens vs transformers"
     );
-    let uncached = greedy_without_cache(&model, &ids, Some(&feats), want.len()).unwrap();
+    let uncached = greedy_without_cache(model, ids, feats, want.len()).unwrap();
     assert_eq!(
         uncached, want,
         "{name}: recomputed greedy tokens vs transformers"
@@ -169,29 +181,14 @@ fn check_sliding_window(device: &Device, tol: f32) {
         &reference.f32("logits").0,
         tol,
     );
-    let want: Vec<u32> = reference
-        .i64("greedy_tokens")
-        .iter()
-        .map(|&t| t as u32)
-        .collect();
     let tok = PromptTokenizer::from_dir(&dir).unwrap();
-    let params = GenerateParams {
-        sampling: SamplingParams::default(),
-        max_new_tokens: want.len(),
-        stop_ids: vec![],
-        stop_strings: vec![],
-    };
-    let cached = generate(&model, &tok, &ids, None, &params, |_| {
-        std::ops::ControlFlow::Continue(())
-    })
-    .unwrap();
-    assert_eq!(
-        cached.tokens, want,
-        "KV-cached greedy with a sliding window"
-    );
-    assert_eq!(
-        greedy_without_cache(&model, &ids, None, want.len()).unwrap(),
-        want
+    check_greedy(
+        "sliding-window Mistral",
+        &model,
+        &tok,
+        &ids,
+        None,
+        &reference,
     );
 }
 
