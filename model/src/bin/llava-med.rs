@@ -1,4 +1,5 @@
-//! `llava-med`: run LLaVA-Med from the command line (generate, chat, inspect, tokenize, logits, render).
+//! `llava-med`: run LLaVA-Med from the command line (generate, chat, inspect, tokenize, logits, render,
+//! anonymize).
 
 use std::io::{BufRead, Write};
 use std::ops::ControlFlow;
@@ -13,6 +14,7 @@ use llava_med::IMAGE_SLOT;
 use llava_med::device::{DeviceChoice, parse_dtype, select};
 use llava_med::engine::Engine;
 use llava_med::generate::SamplingParams;
+use llava_med::imaging::dicom::deid;
 use llava_med::imaging::{DicomFile, DicomOptions, WindowChoice, is_dicom, open_any};
 use llava_med::prompt::{PromptTokenizer, Template};
 
@@ -182,6 +184,17 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// De-identify a DICOM file (PS3.15 Basic Application Level Confidentiality Profile). Text burned
+    /// into the pixels is not removed: a warning says when the file declares it or may have it.
+    Anonymize {
+        /// DICOM file to de-identify.
+        input: PathBuf,
+        /// De-identified DICOM file to write.
+        output: PathBuf,
+        /// Secret mixed into the new UIDs (the same salt maps the same study to the same new UIDs).
+        #[arg(long, default_value = "")]
+        uid_salt: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -269,6 +282,11 @@ fn run(cli: Cli) -> Result<()> {
             window,
             out,
         } => render(&image, frame, window.as_deref(), out),
+        Command::Anonymize {
+            input,
+            output,
+            uid_salt,
+        } => anonymize(&input, &output, uid_salt),
     }
 }
 
@@ -566,5 +584,30 @@ fn render(
         rendered.width(),
         rendered.height()
     );
+    Ok(())
+}
+
+fn anonymize(input: &Path, output: &Path, uid_salt: String) -> Result<()> {
+    let same = output == input
+        || matches!(
+            (input.canonicalize(), output.canonicalize()),
+            (Ok(a), Ok(b)) if a == b
+        );
+    if same {
+        bail!("{}: the output would overwrite the input", output.display());
+    }
+    let report = deid::anonymize_file(input, output, &deid::DeidOptions { uid_salt })?;
+    eprintln!(
+        "wrote {}: {} attributes removed, {} emptied, {} dummy values, {} UIDs replaced, {} private attributes removed",
+        output.display(),
+        report.removed,
+        report.emptied,
+        report.dummied,
+        report.uids_replaced,
+        report.private_removed
+    );
+    if let Some(w) = report.burned_in_warning() {
+        eprintln!("warning: {}: {w}", input.display());
+    }
     Ok(())
 }

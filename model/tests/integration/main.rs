@@ -2,7 +2,9 @@
 
 mod cli;
 mod common;
+mod deid;
 mod dicom;
+mod dicom_fuzz;
 mod generation;
 mod parity;
 mod preprocess;

@@ -7,13 +7,14 @@
 //! dicom-rs is used for parsing and codecs only: rescale, window and MONOCHROME1 inversion are done here.
 
 mod attr;
+pub mod deid;
+mod guard;
 pub mod meta;
 pub mod pixels;
 pub mod render;
 pub mod scan;
 pub mod window;
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 
 use dicom_object::file::ReadPreamble;
@@ -29,7 +30,8 @@ use crate::error::{Error, Result};
 /// Limits for opening untrusted files.
 #[derive(Debug, Clone, Copy)]
 pub struct DicomOptions {
-    /// Largest decoded frame accepted, in bytes (default 1 GiB).
+    /// Largest decoded frame accepted, in bytes (default 1 GiB), counting at least 4 bytes a sample (the
+    /// modality values are `f32`).
     pub max_frame_bytes: u64,
 }
 
@@ -67,17 +69,23 @@ impl DicomFile {
     /// Opens `path` after checking its structure.
     pub fn open(path: &Path, options: DicomOptions) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_bytes(&bytes, path, options)
+    }
+
+    /// Opens a file already in memory; `origin` names it in errors (a path, or any label).
+    pub fn from_bytes(bytes: &[u8], origin: &Path, options: DicomOptions) -> Result<Self> {
+        let path = origin;
         // A deflated data set may hold every frame: allow it the frame cap plus room for the rest.
         let max_inflated = options.max_frame_bytes.saturating_add(256 << 20);
-        let layout = scan::check(&bytes, max_inflated).map_err(|m| Error::image(path, m))?;
+        let layout = scan::check(bytes, max_inflated).map_err(|m| Error::image(path, m))?;
         // Parse the checked bytes (not the file again), from the `DICM` marker to the end of the data set.
         let checked = &bytes[layout.magic..layout.end];
-        let object = catch_unwind(AssertUnwindSafe(|| {
+        let object = guard::contain(|| {
             OpenFileOptions::new()
                 .read_preamble(ReadPreamble::Never)
                 .from_reader(checked)
-        }))
-        .map_err(|_| Error::image(path, "the DICOM parser crashed on this file"))?
+        })
+        .map_err(|m| Error::image(path, format!("the DICOM parser crashed on this file ({m})")))?
         .map_err(|e| Error::image(path, format!("cannot read DICOM: {}", chain(&e))))?;
         Ok(Self {
             path: path.to_path_buf(),
