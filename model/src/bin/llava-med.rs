@@ -568,7 +568,9 @@ fn render(
         let file = DicomFile::open(image, DicomOptions::default())?;
         let r = file.render(frame.unwrap_or(0), choice.unwrap_or(WindowChoice::Default))?;
         eprintln!("{}: {}", image.display(), file.summary());
-        if !matches!(r.image, DynamicImage::ImageRgb8(_)) {
+        if r.voi_lut {
+            eprintln!("window: the file's VOI LUT");
+        } else if !matches!(r.image, DynamicImage::ImageRgb8(_)) {
             eprintln!("window: {}", r.window);
         }
         r.image

@@ -16,7 +16,7 @@ use crate::common::{fixture, required_test_data};
 struct Reference {
     file: String,
     frame: usize,
-    /// `file` (the file's own window) or `custom`.
+    /// `file` (the file's own window), `lut` (its VOI LUT), `none` (colour) or `custom`.
     window: String,
     center: f64,
     width: f64,
@@ -54,7 +54,7 @@ fn dicom_renderings_match_pydicom() {
     let mut failures = Vec::new();
     for r in &refs {
         let path = root.join(&r.file);
-        let choice = if r.window == "file" || r.window == "none" {
+        let choice = if matches!(r.window.as_str(), "file" | "none" | "lut") {
             WindowChoice::Default
         } else {
             WindowChoice::Fixed(Window::new(r.center, r.width))
@@ -68,7 +68,8 @@ fn dicom_renderings_match_pydicom() {
                 continue;
             }
         };
-        if r.window != "none" {
+        assert_eq!(rendered.voi_lut, r.window == "lut", "{}", r.file);
+        if r.window != "none" && r.window != "lut" {
             let want = Window::new(r.center, r.width);
             assert_eq!(rendered.window, want, "{}", r.file);
         }
@@ -185,6 +186,18 @@ fn malformed_files_give_errors_not_panics() {
         Duration::from_secs(10),
     );
     assert!(msg.to_lowercase().contains("decode"), "{msg}");
+}
+
+#[test]
+fn segmented_palettes_are_refused_clearly() {
+    let Some(root) = required_test_data("dicom") else {
+        return;
+    };
+    let msg = fails_cleanly(
+        &root.join("pydicom-data/gdcm-US-ALOKA-16.dcm"),
+        Duration::from_secs(10),
+    );
+    assert!(msg.contains("segmented palette"), "{msg}");
 }
 
 #[test]

@@ -9,4 +9,5 @@ mod generation;
 mod parity;
 mod preprocess;
 mod real_weights;
+mod series;
 mod tokenizer;

@@ -4,7 +4,8 @@
 //! Invariants: a declared length is checked against the file size before dicom-rs sees the file
 //! ([`scan`]); decoding runs behind `catch_unwind` and a decoded frame larger than
 //! [`DicomOptions::max_frame_bytes`] is refused before it is allocated; every error names the file.
-//! dicom-rs is used for parsing and codecs only: rescale, window and MONOCHROME1 inversion are done here.
+//! dicom-rs is used for parsing and codecs only: rescale / Modality LUT, window / VOI LUT, MONOCHROME1
+//! inversion and the PALETTE COLOR lookup are done here.
 
 mod attr;
 pub mod deid;
@@ -13,6 +14,7 @@ pub mod meta;
 pub mod pixels;
 pub mod render;
 pub mod scan;
+pub mod series;
 pub mod window;
 
 use std::path::{Path, PathBuf};
@@ -22,7 +24,7 @@ use dicom_object::{DefaultDicomObject, OpenFileOptions};
 use image::DynamicImage;
 
 pub use meta::{PatientIdentity, Summary};
-pub use pixels::{DEFAULT_MAX_FRAME_BYTES, Frame, Photometric};
+pub use pixels::{DEFAULT_MAX_FRAME_BYTES, Frame, Lut, Photometric};
 pub use window::{PRESETS, Window, WindowChoice};
 
 use crate::error::{Error, Result};
@@ -54,8 +56,11 @@ pub struct DicomFile {
 pub struct Rendered {
     /// 8-bit grey (or RGB for colour files).
     pub image: DynamicImage,
-    /// The window used (grey images).
+    /// The window used (grey images), unless `voi_lut` is set.
     pub window: Window,
+    /// Whether the file's VOI LUT was applied instead of a window (the default choice on a file that has
+    /// one).
+    pub voi_lut: bool,
     /// The decoded frame: modality values for HU readout.
     pub frame: Frame,
 }
@@ -124,11 +129,21 @@ impl DicomFile {
     /// Decodes and renders frame `index` with `window`.
     pub fn render(&self, index: usize, window: WindowChoice) -> Result<Rendered> {
         let frame = self.frame(index)?;
-        let window = window.resolve(frame.file_window, &frame.values);
-        let image = render::render(&frame, window);
+        let lut = match window {
+            WindowChoice::Default if frame.photometric != Photometric::Rgb => {
+                frame.voi_lut.as_ref()
+            }
+            _ => None,
+        };
+        let resolved = window.resolve(frame.file_window, &frame.values);
+        let image = match lut {
+            Some(lut) => render::render_voi_lut(&frame, lut),
+            None => render::render(&frame, resolved),
+        };
         Ok(Rendered {
             image,
-            window,
+            window: resolved,
+            voi_lut: lut.is_some(),
             frame,
         })
     }

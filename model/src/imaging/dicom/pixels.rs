@@ -1,10 +1,12 @@
 //! Decoding one frame into modality values (after rescale slope/intercept), with dicom-rs doing only the
 //! codec work: its own normalisation is not used (it gets signed images with negative values wrong).
 
+use std::ops::Add;
 use std::path::Path;
 
+use dicom_core::{PrimitiveValue, Tag};
 use dicom_dictionary_std::tags;
-use dicom_object::DefaultDicomObject;
+use dicom_object::{DefaultDicomObject, InMemDicomObject};
 use dicom_pixeldata::PixelDecoder;
 
 use super::{attr, guard};
@@ -20,7 +22,8 @@ pub enum Photometric {
     Monochrome2,
     /// Grey, low values bright (shown inverted).
     Monochrome1,
-    /// Three samples per pixel, already RGB after decoding.
+    /// Three samples per pixel, already RGB after decoding (PALETTE COLOR frames are looked up to 8-bit
+    /// RGB when decoded).
     Rgb,
 }
 
@@ -39,6 +42,142 @@ pub struct Frame {
     pub values: Vec<f32>,
     /// The file's first VOI window (center, width), if any.
     pub file_window: Option<(f64, f64)>,
+    /// The file's first VOI LUT (VOI LUT Sequence), if any: used instead of `file_window` by the default
+    /// window choice.
+    pub voi_lut: Option<Lut>,
+}
+
+/// A lookup table of the Modality LUT, VOI LUT or Palette Color LUT modules (PS3.3 C.11.1.1, C.11.2.1.1,
+/// C.7.6.3.1.5): input values below `first` map to the first entry, values past the end to the last.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lut {
+    /// The first input value mapped (descriptor value 2).
+    pub first: i64,
+    /// Bits per entry (descriptor value 3): the output range is 0 ..= 2^bits − 1.
+    pub bits: u16,
+    /// The entries.
+    pub entries: Vec<u16>,
+}
+
+impl Lut {
+    /// The entry for input value `x`.
+    pub fn get(&self, x: i64) -> u16 {
+        let last = self.entries.len() as i64 - 1;
+        self.entries[(x - self.first).clamp(0, last) as usize]
+    }
+
+    /// The largest output value, 2^bits − 1.
+    pub fn max_output(&self) -> f64 {
+        ((1u64 << self.bits.clamp(1, 32)) - 1) as f64
+    }
+
+    /// Reads a LUT from its descriptor and data attributes in `item`; `None` when the descriptor is absent.
+    /// `signed` tells whether the input values are signed (a first mapped value stored as US ≥ 2^15 is then
+    /// negative).
+    fn read(
+        item: &InMemDicomObject,
+        descriptor: Tag,
+        data: Tag,
+        signed: bool,
+    ) -> Result<Option<Self>, String> {
+        let Some(desc) = item.element_opt(descriptor).ok().flatten() else {
+            return Ok(None);
+        };
+        let desc = desc
+            .to_multi_int::<i64>()
+            .ok()
+            .filter(|d| d.len() == 3)
+            .ok_or("invalid LUT descriptor (three numbers expected)")?;
+        let count = if desc[0] == 0 { 65536 } else { desc[0] } as usize;
+        let first = if signed && desc[1] >= 32768 {
+            desc[1] - 65536
+        } else {
+            desc[1]
+        };
+        let bits = u16::try_from(desc[2])
+            .ok()
+            .filter(|b| (1..=16).contains(b))
+            .ok_or_else(|| format!("unsupported LUT entry size of {} bits", desc[2]))?;
+        let value = item
+            .element_opt(data)
+            .ok()
+            .flatten()
+            .ok_or("a LUT descriptor without LUT data")?;
+        let words: Vec<u16> = match value.value().primitive() {
+            Some(PrimitiveValue::U16(v)) => v.to_vec(),
+            Some(PrimitiveValue::U8(b)) => b
+                .chunks(2)
+                .map(|c| u16::from_le_bytes([c[0], *c.get(1).unwrap_or(&0)]))
+                .collect(),
+            _ => value
+                .to_multi_int::<i64>()
+                .map_err(|_| "invalid LUT data")?
+                .into_iter()
+                .map(|v| v as u16)
+                .collect(),
+        };
+        let entries = if words.len() >= count {
+            words[..count].to_vec()
+        } else if bits <= 8 && words.len() * 2 >= count {
+            // 8-bit entries packed two to a 16-bit word, in file (little-endian) order.
+            words
+                .iter()
+                .flat_map(|w| w.to_le_bytes())
+                .take(count)
+                .map(u16::from)
+                .collect()
+        } else {
+            return Err(format!(
+                "the LUT declares {count} entries but its data holds {}",
+                words.len()
+            ));
+        };
+        Ok(Some(Self {
+            first,
+            bits,
+            entries,
+        }))
+    }
+}
+
+/// The first item of sequence `tag`, if any.
+fn first_item(obj: &DefaultDicomObject, tag: Tag) -> Option<&InMemDicomObject> {
+    obj.element_opt(tag).ok()??.items()?.first()
+}
+
+/// The Red, Green and Blue Palette Color LUTs of a PALETTE COLOR image.
+fn palette(obj: &DefaultDicomObject, signed: bool) -> Result<[Lut; 3], String> {
+    let channels = [
+        (
+            "Red",
+            tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+            tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            tags::SEGMENTED_RED_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+        ),
+        (
+            "Green",
+            tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+            tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            tags::SEGMENTED_GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+        ),
+        (
+            "Blue",
+            tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+            tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            tags::SEGMENTED_BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+        ),
+    ];
+    let read = |(name, desc, data, segmented): (&str, Tag, Tag, Tag)| {
+        let has = |t| obj.element_opt(t).ok().flatten().is_some();
+        if !has(data) && has(segmented) {
+            return Err("segmented palette color lookup tables are not supported yet".to_string());
+        }
+        Lut::read(obj, desc, data, signed)
+            .map_err(|m| format!("{name} palette color LUT: {m}"))?
+            .ok_or_else(|| format!("PALETTE COLOR image without a {name} palette color LUT"))
+    };
+    let [r, g, b] = channels;
+    Ok([read(r)?, read(g)?, read(b)?])
 }
 
 /// Decodes frame `index` (0-based) of `obj`, refusing frames larger than `max_bytes` once decoded.
@@ -80,7 +219,7 @@ pub fn decode_frame(
     let photometric = match (photometric_name.as_str(), samples) {
         ("MONOCHROME1", 1) => Photometric::Monochrome1,
         ("MONOCHROME2", 1) => Photometric::Monochrome2,
-        ("RGB", 3) => Photometric::Rgb,
+        ("RGB", 3) | ("PALETTE COLOR", 1) => Photometric::Rgb,
         // The JPEG decoders return RGB for YBR_FULL(_422) / YBR_ICT / YBR_RCT; native YBR is not converted.
         (p, 3) if p.starts_with("YBR") && !attr::is_native(obj) => Photometric::Rgb,
         (p, s) => {
@@ -89,9 +228,15 @@ pub fn decode_frame(
             )));
         }
     };
-    // The cap covers the decoded samples and the modality values (4 bytes a sample) made from them.
+    let palette = if photometric_name == "PALETTE COLOR" {
+        Some(palette(obj, signed).map_err(err)?)
+    } else {
+        None
+    };
+    // The cap covers the decoded samples and the modality values (4 bytes a sample, three for a palette
+    // image) made from them.
     let n = rows as u64 * cols as u64 * samples as u64;
-    let bytes = n * (bits_allocated as u64 / 8).max(4);
+    let bytes = n * (bits_allocated as u64 / 8).max(if palette.is_some() { 12 } else { 4 });
     if bytes > max_bytes {
         return Err(err(format!(
             "a decoded frame would take {bytes} bytes, more than the limit of {max_bytes}"
@@ -119,22 +264,64 @@ pub fn decode_frame(
         && attr::int(obj, tags::PLANAR_CONFIGURATION) == Some(1)
         && attr::is_native(obj);
 
-    let (slope, intercept) = if photometric == Photometric::Rgb {
-        (1.0, 0.0)
-    } else {
+    let grey = photometric != Photometric::Rgb;
+    let (slope, intercept) = if grey {
         (
             attr::float(obj, tags::RESCALE_SLOPE).unwrap_or(1.0),
             attr::float(obj, tags::RESCALE_INTERCEPT).unwrap_or(0.0),
         )
+    } else {
+        (1.0, 0.0)
     };
-    let pixels = n / 3;
-    let values = (0..n)
-        .map(|i| {
-            // Planar RGB (RRR…GGG…BBB…) is read interleaved (RGBRGB…).
-            let source = if planar { (i % 3) * pixels + i / 3 } else { i };
-            (stored.get(source) as f64 * slope + intercept) as f32
-        })
-        .collect();
+    // A Modality LUT Sequence replaces the rescale; its output is unsigned.
+    let modality_lut = match first_item(obj, tags::MODALITY_LUT_SEQUENCE).filter(|_| grey) {
+        Some(item) => Lut::read(item, tags::LUT_DESCRIPTOR, tags::LUT_DATA, signed)
+            .map_err(|m| err(format!("Modality LUT: {m}")))?,
+        None => None,
+    };
+    let voi_lut = match first_item(obj, tags::VOILUT_SEQUENCE).filter(|_| grey) {
+        Some(item) => Lut::read(
+            item,
+            tags::LUT_DESCRIPTOR,
+            tags::LUT_DATA,
+            signed && modality_lut.is_none(),
+        )
+        .map_err(|m| err(format!("VOI LUT: {m}")))?,
+        None => None,
+    };
+    let (values, bits_stored) = if let Some(luts) = &palette {
+        // Each index becomes three 8-bit values, scaled from the LUT's entry size (tables made once).
+        let tables = luts.each_ref().map(|lut| {
+            let scale = 255.0 / lut.max_output();
+            let table: Vec<f32> = lut
+                .entries
+                .iter()
+                .map(|&e| (f64::from(e) * scale).clamp(0.0, 255.0).add(0.5).floor() as f32)
+                .collect();
+            (lut.first, table)
+        });
+        let mut values = Vec::with_capacity(n * 3);
+        for i in 0..n {
+            let index = stored.get(i);
+            for (first, table) in &tables {
+                values.push(table[(index - first).clamp(0, table.len() as i64 - 1) as usize]);
+            }
+        }
+        (values, 8)
+    } else if let Some(lut) = &modality_lut {
+        let values = (0..n).map(|i| f32::from(lut.get(stored.get(i)))).collect();
+        (values, bits_stored)
+    } else {
+        let pixels = n / 3;
+        let values = (0..n)
+            .map(|i| {
+                // Planar RGB (RRR…GGG…BBB…) is read interleaved (RGBRGB…).
+                let source = if planar { (i % 3) * pixels + i / 3 } else { i };
+                (stored.get(source) as f64 * slope + intercept) as f32
+            })
+            .collect();
+        (values, bits_stored)
+    };
     let file_window = match (
         attr::float(obj, tags::WINDOW_CENTER),
         attr::float(obj, tags::WINDOW_WIDTH),
@@ -149,6 +336,7 @@ pub fn decode_frame(
         bits_stored: bits_stored as u16,
         values,
         file_window,
+        voi_lut,
     })
 }
 
@@ -256,6 +444,57 @@ mod tests {
         assert_eq!(jpeg2000_size(&siz), Some((512, 256, 3)));
         assert_eq!(jpeg2000_size(&siz[..20]), None);
         assert_eq!(jpeg2000_size(&[0xFF, 0xD8, 0xFF, 0xE0]), None);
+    }
+
+    fn lut_item(
+        descriptor: [u16; 3],
+        data: PrimitiveValue,
+        vr: dicom_core::VR,
+    ) -> InMemDicomObject {
+        use dicom_core::{DataElement, VR};
+        InMemDicomObject::from_element_iter([
+            DataElement::new(
+                tags::LUT_DESCRIPTOR,
+                VR::US,
+                PrimitiveValue::U16(descriptor.to_vec().into()),
+            ),
+            DataElement::new(tags::LUT_DATA, vr, data),
+        ])
+    }
+
+    #[test]
+    fn reads_and_applies_luts() {
+        use dicom_core::VR;
+        let read = |item: &InMemDicomObject, signed| {
+            Lut::read(item, tags::LUT_DESCRIPTOR, tags::LUT_DATA, signed)
+        };
+        // First mapped value 65534 stored as US: −2 for signed input.
+        let item = lut_item(
+            [3, 65534, 16],
+            PrimitiveValue::U16(vec![10u16, 20, 30].into()),
+            VR::US,
+        );
+        let lut = read(&item, true).unwrap().unwrap();
+        assert_eq!(lut.first, -2);
+        assert_eq!([-5, -2, -1, 0, 7].map(|x| lut.get(x)), [10, 10, 20, 30, 30]);
+        assert_eq!(read(&item, false).unwrap().unwrap().first, 65534);
+        // 8-bit entries packed two to a word.
+        let item = lut_item(
+            [4, 0, 8],
+            PrimitiveValue::U16(vec![0x0201u16, 0x0403].into()),
+            VR::OW,
+        );
+        let lut = read(&item, false).unwrap().unwrap();
+        assert_eq!(lut.entries, [1, 2, 3, 4]);
+        assert_eq!(lut.max_output(), 255.0);
+        // Too little data is an error, not a panic.
+        let item = lut_item(
+            [300, 0, 16],
+            PrimitiveValue::U16(vec![1u16, 2].into()),
+            VR::US,
+        );
+        assert!(read(&item, false).unwrap_err().contains("300 entries"));
+        assert_eq!(read(&InMemDicomObject::new_empty(), false), Ok(None));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! of its container. It allocates nothing (except to inflate a deflated data set, up to a limit) and reads
 //! each byte at most once.
 
+use std::cell::Cell;
 use std::io::Read;
 
 /// Deepest sequence nesting accepted.
@@ -54,6 +55,8 @@ pub struct Layout {
     pub magic: usize,
     /// End of the data set: trailing zero padding excluded (dicom-rs fails on it).
     pub end: usize,
+    /// Whether the top-level data set holds pixel data (Pixel Data, Float or Double Float Pixel Data).
+    pub pixel_data: bool,
 }
 
 /// Checks the file's structure; `Err` says what is wrong and where. A deflated data set is inflated to at
@@ -68,6 +71,7 @@ pub fn check(bytes: &[u8], max_inflated: u64) -> Result<Layout, String> {
     };
     let mut s = Scanner {
         bytes,
+        pixel_data: Cell::new(false),
         enc: Encoding {
             explicit: true,
             little: true,
@@ -91,18 +95,30 @@ pub fn check(bytes: &[u8], max_inflated: u64) -> Result<Layout, String> {
         }
         let inner = Scanner {
             bytes: &inflated,
+            pixel_data: Cell::new(false),
             enc: s.enc,
         };
         inner.elements(0, inflated.len(), 0, false)?;
         let end = bytes.len();
-        return Ok(Layout { magic, end });
+        let pixel_data = inner.pixel_data.get();
+        return Ok(Layout {
+            magic,
+            end,
+            pixel_data,
+        });
     }
     let end = s.elements(pos, bytes.len(), 0, false)?;
-    Ok(Layout { magic, end })
+    Ok(Layout {
+        magic,
+        end,
+        pixel_data: s.pixel_data.get(),
+    })
 }
 
 struct Scanner<'a> {
     bytes: &'a [u8],
+    /// Set when a top-level pixel data element is met.
+    pixel_data: Cell<bool>,
     enc: Encoding,
 }
 
@@ -219,6 +235,9 @@ impl Scanner<'_> {
             let (value, len) = self.header(pos, self.enc.explicit, self.enc.little)?;
             if value > end {
                 return Err(format!("truncated element header at offset {pos}"));
+            }
+            if depth == 0 && tag.0 == 0x7FE0 && matches!(tag.1, 0x0008 | 0x0009 | 0x0010) {
+                self.pixel_data.set(true);
             }
             if tag == ITEM_END || tag == SEQUENCE_END {
                 if until_delimiter {
@@ -380,7 +399,8 @@ mod tests {
             check(&f, 1 << 20),
             Ok(Layout {
                 magic: 128,
-                end: f.len() - 8
+                end: f.len() - 8,
+                pixel_data: false,
             })
         );
     }
