@@ -5,6 +5,7 @@ use std::io::{BufRead, Write};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::DType;
@@ -15,7 +16,10 @@ use llava_med::device::{DeviceChoice, parse_dtype, select};
 use llava_med::engine::Engine;
 use llava_med::generate::SamplingParams;
 use llava_med::imaging::dicom::deid;
-use llava_med::imaging::{DicomFile, DicomOptions, WindowChoice, is_dicom, open_any};
+use llava_med::imaging::worker::DEFAULT_DECODE_TIMEOUT_S;
+use llava_med::imaging::{
+    DicomFile, DicomOptions, WindowChoice, is_dicom, open_any_with_time_limit, with_time_limit,
+};
 use llava_med::prompt::{PromptTokenizer, Template};
 
 #[derive(Parser)]
@@ -76,6 +80,17 @@ struct ImageArgs {
     /// brain, liver, or CENTER,WIDTH.
     #[arg(long, allow_hyphen_values = true)]
     window: Option<String>,
+    /// Give up decoding the image after this many seconds.
+    #[arg(long, default_value_t = DEFAULT_DECODE_TIMEOUT_S)]
+    decode_timeout_s: f64,
+}
+
+/// The `--decode-timeout-s` value as a duration.
+fn decode_limit(seconds: f64) -> Result<Duration> {
+    match Duration::try_from_secs_f64(seconds) {
+        Ok(limit) if !limit.is_zero() => Ok(limit),
+        _ => bail!("--decode-timeout-s must be a positive number of seconds, not {seconds}"),
+    }
 }
 
 impl ImageArgs {
@@ -88,7 +103,13 @@ impl ImageArgs {
 
     /// Opens `path` with this frame and window.
     fn open(&self, path: &Path) -> Result<DynamicImage> {
-        Ok(open_any(path, self.frame, self.window()?)?)
+        Ok(open_any_with_time_limit(
+            path,
+            self.frame,
+            self.window()?,
+            DicomOptions::default(),
+            decode_limit(self.decode_timeout_s)?,
+        )?)
     }
 
     /// The image given with `--image`, if any.
@@ -183,6 +204,9 @@ enum Command {
         /// Output PNG (default: the image's file stem + `.png` in the current folder).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Give up decoding after this many seconds.
+        #[arg(long, default_value_t = DEFAULT_DECODE_TIMEOUT_S)]
+        decode_timeout_s: f64,
     },
     /// De-identify a DICOM file (PS3.15 Basic Application Level Confidentiality Profile). Text burned
     /// into the pixels is not removed: a warning says when the file declares it or may have it.
@@ -281,7 +305,14 @@ fn run(cli: Cli) -> Result<()> {
             frame,
             window,
             out,
-        } => render(&image, frame, window.as_deref(), out),
+            decode_timeout_s,
+        } => render(
+            &image,
+            frame,
+            window.as_deref(),
+            out,
+            decode_limit(decode_timeout_s)?,
+        ),
         Command::Anonymize {
             input,
             output,
@@ -543,6 +574,7 @@ fn render(
     frame: Option<usize>,
     window: Option<&str>,
     out: Option<PathBuf>,
+    limit: Duration,
 ) -> Result<()> {
     let choice = window
         .map(|w| w.parse::<WindowChoice>().map_err(anyhow::Error::msg))
@@ -565,9 +597,13 @@ fn render(
         );
     }
     let rendered = if is_dicom(image) {
-        let file = DicomFile::open(image, DicomOptions::default())?;
-        let r = file.render(frame.unwrap_or(0), choice.unwrap_or(WindowChoice::Default))?;
-        eprintln!("{}: {}", image.display(), file.summary());
+        let (frame, window) = (frame.unwrap_or(0), choice.unwrap_or(WindowChoice::Default));
+        let path = image.to_path_buf();
+        let (summary, r) = with_time_limit(image, limit, move || {
+            let file = DicomFile::open(&path, DicomOptions::default())?;
+            Ok((file.summary(), file.render(frame, window)?))
+        })?;
+        eprintln!("{}: {summary}", image.display());
         if r.voi_lut {
             eprintln!("window: the file's VOI LUT");
         } else if !matches!(r.image, DynamicImage::ImageRgb8(_)) {
@@ -575,7 +611,7 @@ fn render(
         }
         r.image
     } else {
-        open_any(image, frame, choice)?
+        open_any_with_time_limit(image, frame, choice, DicomOptions::default(), limit)?
     };
     rendered
         .save_with_format(&out, image::ImageFormat::Png)

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use image::DynamicImage;
 use llava_med::imaging::dicom::{DicomFile, DicomOptions, Window, WindowChoice};
-use llava_med::imaging::{open_any, open_any_with};
+use llava_med::imaging::{
+    open_any, open_any_with, open_any_with_time_limit, render_with_time_limit,
+};
 
 use crate::common::{fixture, required_test_data};
 
@@ -237,6 +239,83 @@ fn other_decoders_give_a_plausible_image() {
     let grey = img.to_luma8();
     let mean = grey.as_raw().iter().map(|&v| v as f64).sum::<f64>() / grey.len() as f64;
     assert!(mean > 10.0 && mean < 200.0, "mean {mean}");
+}
+
+#[test]
+fn decoding_with_a_time_limit() {
+    let Some(root) = required_test_data("dicom") else {
+        return;
+    };
+    // JPEG 2000 lossless, about 1 s to decode: a 1 ms limit returns long before the decoder would finish.
+    let path = root.join("pydicom-data/RG1_J2KR.dcm");
+    let t = Instant::now();
+    let e = render_with_time_limit(
+        &path,
+        0,
+        WindowChoice::Default,
+        DicomOptions::default(),
+        Duration::from_millis(1),
+    )
+    .err()
+    .expect("a 1 ms limit")
+    .to_string();
+    let elapsed = t.elapsed();
+    assert!(elapsed < Duration::from_millis(500), "{elapsed:?}");
+    assert!(
+        e.contains("RG1_J2KR.dcm") && e.contains("longer than 0.001 s; abandoned"),
+        "{e}"
+    );
+    let e = open_any_with_time_limit(
+        &path,
+        None,
+        None,
+        DicomOptions::default(),
+        Duration::from_millis(1),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("RG1_J2KR.dcm") && e.contains("abandoned"), "{e}");
+
+    // With room to finish, the same image as the direct path.
+    let limit = Duration::from_secs(60);
+    let window = WindowChoice::Fixed(Window::new(2048.0, 4096.0));
+    let direct = DicomFile::open(&path, DicomOptions::default())
+        .unwrap()
+        .render(0, window)
+        .unwrap();
+    let timed = render_with_time_limit(&path, 0, window, DicomOptions::default(), limit).unwrap();
+    assert_eq!(timed.image, direct.image);
+    assert_eq!(timed.window, direct.window);
+    assert_eq!(timed.frame.values, direct.frame.values);
+    assert_eq!(
+        open_any_with_time_limit(&path, None, None, DicomOptions::default(), limit).unwrap(),
+        open_any(&path, None, None).unwrap()
+    );
+
+    // The CLI: `--decode-timeout-s`.
+    let o = llava_med(&[
+        "render",
+        "--image",
+        path.to_str().unwrap(),
+        "--decode-timeout-s",
+        "0.001",
+        "--out",
+        "/nonexistent/never-written.png",
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("RG1_J2KR.dcm") && stderr.contains("abandoned"),
+        "{stderr}"
+    );
+    let o = llava_med(&[
+        "render",
+        "--image",
+        path.to_str().unwrap(),
+        "--decode-timeout-s",
+        "0",
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--decode-timeout-s must be a positive"));
 }
 
 fn llava_med(args: &[&str]) -> std::process::Output {
