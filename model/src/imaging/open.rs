@@ -1,5 +1,5 @@
 //! One entry point for every image file the app accepts: PNG/JPEG/TIFF through `image`, DICOM through
-//! [`super::dicom`]; a 16-bit grey image gets the same windowing as DICOM when a window is asked for.
+//! [`super::dicom`]; a 16-bit grey image is windowed like DICOM (the automatic window unless one is given).
 
 use std::io::Read;
 use std::path::Path;
@@ -26,7 +26,8 @@ pub fn is_dicom(path: &Path) -> bool {
 
 /// Opens any supported image as the 8-bit image to show (and give the model). For DICOM, `frame`
 /// (0-based, default 0) and `window` (default: the file's) choose what is rendered; for other files a
-/// frame other than 0 is an error and a window applies only to 16-bit grey images.
+/// frame other than 0 is an error and a window applies only to 16-bit grey images (which get the automatic
+/// window when none is given).
 pub fn open_any(
     path: &Path,
     frame: Option<usize>,
@@ -54,10 +55,15 @@ pub fn open_any_with(
         ));
     }
     let image = load_image(path)?;
-    match (window, &image) {
-        (Some(choice), DynamicImage::ImageLuma16(grey)) => {
+    match &image {
+        // 16-bit grey (often raw CT/MR values exported as PNG/TIFF) is windowed like DICOM: a linear
+        // 16→8-bit scaling would show 12-bit data as nearly black. Without a window: `Default`, which for a
+        // file without one is the robust automatic window.
+        DynamicImage::ImageLuma16(grey) => {
             let values: Vec<f32> = grey.as_raw().iter().map(|&v| f32::from(v)).collect();
-            let w = choice.resolve(None, &values);
+            let w = window
+                .unwrap_or(WindowChoice::Default)
+                .resolve(None, &values);
             let px = values.iter().map(|&v| w.apply(v)).collect();
             let out = GrayImage::from_raw(grey.width(), grey.height(), px)
                 .expect("same size as the input");
@@ -82,10 +88,13 @@ mod tests {
         img.save(&path).unwrap();
         let window = WindowChoice::Fixed(Window::new(1000.5, 1001.0));
         let out = open_any(&path, None, Some(window));
-        let plain = open_any(&path, None, None);
+        let auto = open_any(&path, None, None);
         let _ = std::fs::remove_file(&path);
         assert_eq!(out.unwrap().to_luma8().into_raw(), [0, 128, 255]);
-        assert!(matches!(plain.unwrap(), DynamicImage::ImageLuma16(_)));
+        // No window: the automatic one, so 12-bit-range data is not rendered nearly black.
+        let auto = auto.unwrap();
+        assert!(matches!(auto, DynamicImage::ImageLuma8(_)));
+        assert_eq!(auto.to_luma8().into_raw()[0], 0);
         assert!(open_any(Path::new("x.png"), Some(1), None).is_err());
     }
 }
