@@ -8,7 +8,7 @@ holds dcmtk's `dcmdjpeg` decompressions of files pydicom cannot decode here). Wr
 DICOM_DIR/references/<name>.png and DICOM_DIR/references/references.json, a list of
 {"file", "frame", "window", "center", "width", "png", "source"}: "window" is "file" when the file's
 own (first) window was used, "lut" when its VOI LUT Sequence was, "none" for colour images (no window:
-8-bit RGB as stored; PALETTE COLOR through pydicom's apply_color_lut, entries scaled to 8 bits as
+8-bit RGB as stored, YBR_FULL(_422) as pydicom converts it to RGB by default; PALETTE COLOR through pydicom's apply_color_lut, entries scaled to 8 bits as
 round(v * 255 / (2^bits - 1))), else "custom";
 "source" is the file whose pixels were decoded (a compressed
 file's uncompressed twin when pydicom cannot decode it here: the same file re-encoded, or dcmtk's
@@ -59,6 +59,10 @@ CASES = [
     # Colour, multi-frame: frame selection, native and RLE.
     ("pydicom/SC_rgb_rle_2frame.dcm", 1, None, None),
     ("pydicom-data/SC_rgb_2frame.dcm", 1, None, None),
+    # Native YBR_FULL and YBR_FULL_422 (Y1 Y2 Cb Cr per pixel pair): pydicom 3's pixel_array converts
+    # them to RGB by default (convert_color_space, full-range BT.601).
+    ("pydicom-data/SC_ybr_full_uncompressed.dcm", 0, None, None),
+    ("pydicom/SC_ybr_full_422_uncompressed.dcm", 0, None, None),
     # PALETTE COLOR (8-bit indices, 16-bit entries): pydicom's apply_color_lut, scaled to 8 bits.
     ("pydicom/examples_palette.dcm", 0, None, None),
     # Modality LUT Sequence (signed input, first mapped -2048): apply_modality_lut, then the window.
@@ -135,7 +139,8 @@ def main():
             entries.append(dict(file=name, frame=frame, window="none", center=0, width=0, png=png, source=source))
             continue
         if ds.get("SamplesPerPixel", 1) == 3:
-            assert ds.BitsAllocated == 8 and ds.PhotometricInterpretation == "RGB", name
+            # pixel_array is RGB: pydicom 3 converts YBR_FULL(_422) by default.
+            assert ds.BitsAllocated == 8 and ds.PhotometricInterpretation in ("RGB", "YBR_FULL", "YBR_FULL_422"), name
             png = f"{prefix}_frame{frame}_rgb.png"
             write_png(os.path.join(out, png), pixels.astype(np.uint8))
             entries.append(dict(file=name, frame=frame, window="none", center=0, width=0, png=png, source=source))

