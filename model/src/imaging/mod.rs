@@ -2,6 +2,7 @@
 //! [`worker`]), then CLIP preprocessing exactly as LLaVA does it.
 
 pub mod dicom;
+mod guard;
 mod open;
 pub mod preprocess;
 pub mod resize;

@@ -50,7 +50,7 @@ pub fn load_image_bytes(bytes: &[u8], origin: &Path) -> Result<DynamicImage> {
 fn decode_jpeg_like_pillow(bytes: &[u8], decoded: &DynamicImage) -> Option<DynamicImage> {
     let grey = matches!(decoded, DynamicImage::ImageLuma8(_));
     let (w, h) = (decoded.width(), decoded.height());
-    std::panic::catch_unwind(|| {
+    super::guard::contain(|| {
         let d = mozjpeg::Decompress::new_mem(bytes).ok()?;
         if grey {
             let mut s = d.grayscale().ok()?;

@@ -13,7 +13,6 @@
 //! Text burned into the pixels is NOT removed: [`DeidReport::burned_in`] says when the file declares it, or
 //! when a modality prone to it (US, SC, XA, secondary captures) does not say.
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 
 use dicom_core::value::{DataSetSequence, Value};
@@ -928,8 +927,12 @@ pub fn anonymize_file(input: &Path, output: &Path, options: &DeidOptions) -> Res
     let file = DicomFile::open(input, DicomOptions::default())?;
     let mut obj = file.object().clone();
     drop(file);
-    let report = catch_unwind(AssertUnwindSafe(|| deidentify(&mut obj, options)))
-        .map_err(|_| Error::image(input, "de-identification crashed on this file"))?;
+    let report = super::guard::contain(|| deidentify(&mut obj, options)).map_err(|m| {
+        Error::image(
+            input,
+            format!("de-identification crashed on this file: {m}"),
+        )
+    })?;
     obj.write_to_file(output)
         .map_err(|e| Error::image(output, format!("cannot write DICOM: {}", super::chain(&e))))?;
     if let Err(e) = DicomFile::open(output, DicomOptions::default()) {

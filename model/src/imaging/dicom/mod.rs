@@ -9,7 +9,7 @@
 
 mod attr;
 pub mod deid;
-mod guard;
+use super::guard;
 pub mod meta;
 pub mod pixels;
 pub mod render;

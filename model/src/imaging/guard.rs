@@ -1,4 +1,4 @@
-//! Containing panics of dicom-rs: [`contain`] runs a closure behind `catch_unwind` and turns a panic into
+//! Containing panics of the C-backed and third-party decoders (dicom-rs, mozjpeg): [`contain`] runs a closure behind `catch_unwind` and turns a panic into
 //! its message, without the default panic hook printing it on stderr.
 //!
 //! A process-wide hook is installed once (on first use) that stays silent for panics raised inside
