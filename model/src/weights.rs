@@ -136,15 +136,6 @@ impl WeightFiles {
         Some(format!("{:?}", self.shards[i].tensors[name].dtype))
     }
 
-    /// Total bytes of all tensors on disk.
-    pub fn total_bytes(&self) -> usize {
-        self.shards
-            .iter()
-            .flat_map(|s| s.tensors.values())
-            .map(|t| t.end - t.start)
-            .sum()
-    }
-
     /// A loader that creates tensors of `dtype` on `device`.
     pub fn loader(&self, device: &Device, dtype: DType) -> WeightLoader<'_> {
         WeightLoader {

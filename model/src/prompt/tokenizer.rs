@@ -37,11 +37,6 @@ impl PromptTokenizer {
         Ok(Self { inner, source })
     }
 
-    /// Wraps an existing tokenizer.
-    pub fn new(inner: Tokenizer, source: PathBuf) -> Self {
-        Self { inner, source }
-    }
-
     /// The file the tokenizer came from.
     pub fn source(&self) -> &Path {
         &self.source
