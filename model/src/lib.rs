@@ -1,5 +1,6 @@
 //! LLaVA-Med in Burn: configs and weights of both checkpoint layouts, the CLIP vision tower, the projector,
-//! the LLaMA/Mistral decoder with its KV cache, prompts and tokenizers, image preprocessing and generation.
+//! the LLaMA/Mistral decoder with its KV cache, prompts and tokenizers, image preprocessing, generation and
+//! the OpenAI-compatible server.
 
 #![warn(missing_docs)]
 
@@ -14,6 +15,7 @@ pub mod lm;
 pub mod norm;
 pub mod projector;
 pub mod prompt;
+pub mod serve;
 pub mod vision;
 pub mod weights;
 

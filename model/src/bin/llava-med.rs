@@ -1,5 +1,5 @@
-//! `llava-med`: run LLaVA-Med from the command line (generate, chat, inspect, tokenize, logits, render,
-//! anonymize).
+//! `llava-med`: run LLaVA-Med from the command line (generate, chat, serve, inspect, tokenize, logits,
+//! render, anonymize).
 
 use std::io::{BufRead, Write};
 use std::ops::ControlFlow;
@@ -121,6 +121,51 @@ impl ImageArgs {
     }
 }
 
+#[derive(Args)]
+struct ServeArgs {
+    /// Model folder.
+    #[arg(long)]
+    model: PathBuf,
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Address to listen on; anything but loopback needs --api-key-env.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port; 0 picks a free one (reported in the ready line on stdout).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// Name of an environment variable holding the API key every request must send as a bearer token.
+    #[arg(long)]
+    api_key_env: Option<String>,
+    /// Requests that may wait behind the running one; more get 429.
+    #[arg(long, default_value_t = 8)]
+    max_queue: usize,
+    /// Largest image in a request, in MB.
+    #[arg(long, default_value_t = 32)]
+    max_image_mb: usize,
+    /// Accept file:// image URLs (paths on this machine).
+    #[arg(long)]
+    allow_local_files: bool,
+    /// Shut down when stdin is closed (for a supervising parent process).
+    #[arg(long)]
+    exit_on_stdin_eof: bool,
+    /// Log prompt text (off by default: prompts may hold patient information).
+    #[arg(long)]
+    log_prompts: bool,
+    /// Model id clients use (default: the model folder's name).
+    #[arg(long)]
+    model_name: Option<String>,
+    /// Conversation template (default: the model's).
+    #[arg(long)]
+    template: Option<String>,
+    /// Give up decoding one image after this many seconds.
+    #[arg(long, default_value_t = DEFAULT_DECODE_TIMEOUT_S)]
+    decode_timeout_s: f64,
+    /// Seconds a running generation may go on after SIGTERM before it is cancelled.
+    #[arg(long, default_value_t = 2.0)]
+    shutdown_grace_s: f64,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Answer one question about an image, streaming the answer to stdout.
@@ -137,7 +182,12 @@ enum Command {
         sampling: SamplingArgs,
         #[command(flatten)]
         device: DeviceArgs,
+        /// Print one JSON object (text, finish reason, token counts) instead of streaming text.
+        #[arg(long)]
+        json: bool,
     },
+    /// Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health).
+    Serve(ServeArgs),
     /// Interactive multi-turn chat in the terminal (`/image PATH`, `/reset`, `/quit`).
     Chat {
         /// Model folder.
@@ -228,14 +278,20 @@ fn main() -> ExitCode {
         // SAFETY: single-threaded at this point.
         unsafe { std::env::set_var("EGL_PLATFORM", "surfaceless") };
     }
-    // Our own warnings by default; `LLAVA_MED_LOG=info` (or any EnvFilter directive) for more.
+    let cli = Cli::parse();
+    // Our own warnings by default (the server also logs each request); `LLAVA_MED_LOG=debug` (or any
+    // EnvFilter directive) for more.
+    let default_filter = match cli.command {
+        Command::Serve(_) => "llava_med=info",
+        _ => "llava_med=warn",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("LLAVA_MED_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("llava_med=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(filter)
         .init();
-    match run(Cli::parse()) {
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
@@ -252,12 +308,13 @@ fn run(cli: Cli) -> Result<()> {
             prompt,
             sampling,
             device,
+            json,
         } => {
             let engine = load(&model, &device)?;
             let images: Vec<DynamicImage> = image.load()?.into_iter().collect();
             let template = template(&engine, sampling.template.as_deref())?;
             let mut out = std::io::stdout().lock();
-            engine.answer(
+            let g = engine.answer(
                 template,
                 sampling.system.as_deref(),
                 &[(prompt, None)],
@@ -265,13 +322,26 @@ fn run(cli: Cli) -> Result<()> {
                 sampling_params(&sampling),
                 sampling.max_new_tokens,
                 |piece| {
-                    let _ = out.write_all(piece.as_bytes()).and_then(|_| out.flush());
+                    if !json {
+                        let _ = out.write_all(piece.as_bytes()).and_then(|_| out.flush());
+                    }
                     ControlFlow::Continue(())
                 },
             )?;
-            writeln!(out)?;
+            if json {
+                let finish = match g.finish {
+                    llava_med::generate::FinishReason::Length => "length",
+                    _ => "stop",
+                };
+                let value = serde_json::json!({"text": g.text, "finish_reason": finish,
+                    "prompt_tokens": g.prompt_positions, "completion_tokens": g.tokens.len()});
+                writeln!(out, "{value}")?;
+            } else {
+                writeln!(out)?;
+            }
             Ok(())
         }
+        Command::Serve(args) => serve(args),
         Command::Chat {
             model,
             image,
@@ -342,6 +412,49 @@ fn sampling_params(s: &SamplingArgs) -> SamplingParams {
         top_p: s.top_p,
         seed: s.seed,
     }
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let api_key = match &args.api_key_env {
+        Some(var) => match std::env::var(var) {
+            Ok(key) if !key.trim().is_empty() => Some(key.trim().to_string()),
+            _ => bail!("--api-key-env {var}: the environment variable {var} is not set or empty"),
+        },
+        None => None,
+    };
+    let template = args
+        .template
+        .as_deref()
+        .map(str::parse::<Template>)
+        .transpose()?;
+    let model_name = match args.model_name.clone() {
+        Some(n) => n,
+        None => args
+            .model
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .with_context(|| format!("{}: model folder not found", args.model.display()))?,
+    };
+    let options = llava_med::serve::ServeOptions {
+        host: args.host.clone(),
+        port: args.port,
+        api_key,
+        max_queue: args.max_queue,
+        max_image_bytes: args.max_image_mb.saturating_mul(1 << 20),
+        allow_local_files: args.allow_local_files,
+        log_prompts: args.log_prompts,
+        model_name,
+        template,
+        decode_timeout: decode_limit(args.decode_timeout_s)?,
+        shutdown_grace: Duration::try_from_secs_f64(args.shutdown_grace_s)
+            .context("--shutdown-grace-s must be a number of seconds")?,
+        exit_on_stdin_eof: args.exit_on_stdin_eof,
+    };
+    options.check()?;
+    let engine = load(&args.model, &args.device)?;
+    llava_med::serve::run(engine, options)?;
+    Ok(())
 }
 
 fn chat(

@@ -2,12 +2,14 @@
 //! sampling, stop conditions, a streaming callback and cancellation.
 
 pub mod sampling;
+pub mod stop;
 
 use std::ops::ControlFlow;
 
 use burn::tensor::{DType, Tensor};
 
 pub use sampling::{Sampler, SamplingParams, argmax};
+pub use stop::StopScanner;
 
 use crate::error::Result;
 use crate::llava::LlavaModel;
@@ -52,7 +54,9 @@ pub struct Generation {
 }
 
 /// Generates from ids (with [`crate::llava::IMAGE_SLOT`]s) and projected image features, calling
-/// `on_text` with each new piece of text; returning `ControlFlow::Break` from it cancels.
+/// `on_text` after every token with the new text (possibly empty: a partial character, or text that may
+/// start a stop string, is held back); returning `ControlFlow::Break` from it cancels. The pieces add up to
+/// the returned text.
 pub fn generate(
     model: &LlavaModel,
     tokenizer: &PromptTokenizer,
@@ -68,7 +72,7 @@ pub fn generate(
     let mut stream = StreamDecoder::default();
     let mut tokens = Vec::new();
     let mut logits = model.forward_last(embeds, &mut cache)?;
-    let mut text = String::new();
+    let mut stops = StopScanner::new(&params.stop_strings);
     let finish = loop {
         if tokens.len() >= params.max_new_tokens {
             break FinishReason::Length;
@@ -78,26 +82,34 @@ pub fn generate(
             break FinishReason::Stop;
         }
         tokens.push(next);
-        if let Some(piece) = stream.push(tokenizer, next)? {
-            text.push_str(&piece);
-            if let Some(cut) = params
-                .stop_strings
-                .iter()
-                .filter_map(|s| text.find(s.as_str()))
-                .min()
-            {
-                text.truncate(cut);
-                break FinishReason::Stop;
+        let safe = match stream.push(tokenizer, next)? {
+            Some(piece) => {
+                let (safe, stopped) = stops.push(&piece);
+                if stopped {
+                    if !safe.is_empty() {
+                        let _ = on_text(&safe);
+                    }
+                    break FinishReason::Stop;
+                }
+                safe
             }
-            if on_text(&piece).is_break() {
-                break FinishReason::Cancelled;
-            }
+            None => String::new(),
+        };
+        // Called after every token, even without new text, so cancellation is noticed at once.
+        if on_text(&safe).is_break() {
+            break FinishReason::Cancelled;
         }
         if cache.len() + 1 > cache.capacity() {
             break FinishReason::Length;
         }
         logits = step(model, &mut cache, next)?;
     };
+    // Text held back as a possible stop string's start was not one after all.
+    let rest = stops.finish();
+    if !rest.is_empty() && finish != FinishReason::Cancelled {
+        let _ = on_text(&rest);
+    }
+    let text = stops.text().to_string();
     Ok(Generation {
         tokens,
         text,

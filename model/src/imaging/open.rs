@@ -7,7 +7,7 @@ use std::path::Path;
 use image::{DynamicImage, GrayImage};
 
 use super::dicom::{DicomFile, DicomOptions, WindowChoice};
-use super::preprocess::load_image;
+use super::preprocess::{load_image, load_image_bytes};
 use crate::error::{Error, Result};
 
 /// Whether `path` is a DICOM file: the `DICM` marker, or a `.dcm` extension.
@@ -48,17 +48,44 @@ pub fn open_any_with(
         let rendered = file.render(frame.unwrap_or(0), window.unwrap_or(WindowChoice::Default))?;
         return Ok(rendered.image);
     }
+    check_single_frame(path, frame)?;
+    Ok(window_16_bit(load_image(path)?, window))
+}
+
+/// [`open_any_with`] for a file already in memory (an upload); `origin` names it in errors. DICOM is
+/// recognised by its `DICM` marker (or `dicom = true`, for a data set sent without the preamble).
+pub fn open_any_bytes(
+    bytes: &[u8],
+    origin: &Path,
+    dicom: bool,
+    frame: Option<usize>,
+    window: Option<WindowChoice>,
+    options: DicomOptions,
+) -> Result<DynamicImage> {
+    if dicom || super::dicom::has_dicom_magic(bytes) {
+        let file = DicomFile::from_bytes(bytes, origin, options)?;
+        let rendered = file.render(frame.unwrap_or(0), window.unwrap_or(WindowChoice::Default))?;
+        return Ok(rendered.image);
+    }
+    check_single_frame(origin, frame)?;
+    Ok(window_16_bit(load_image_bytes(bytes, origin)?, window))
+}
+
+fn check_single_frame(origin: &Path, frame: Option<usize>) -> Result<()> {
     if frame.is_some_and(|f| f != 0) {
         return Err(Error::image(
-            path,
-            "--frame applies to DICOM files only (this image has one frame)",
+            origin,
+            "a frame other than 0 applies to DICOM files only (this image has one frame)",
         ));
     }
-    let image = load_image(path)?;
+    Ok(())
+}
+
+/// 16-bit grey (often raw CT/MR values exported as PNG/TIFF) is windowed like DICOM: a linear 16→8-bit
+/// scaling would show 12-bit data as nearly black. Without a window: `Default`, which for a file without
+/// one is the robust automatic window. Other images pass unchanged.
+fn window_16_bit(image: DynamicImage, window: Option<WindowChoice>) -> DynamicImage {
     match &image {
-        // 16-bit grey (often raw CT/MR values exported as PNG/TIFF) is windowed like DICOM: a linear
-        // 16→8-bit scaling would show 12-bit data as nearly black. Without a window: `Default`, which for a
-        // file without one is the robust automatic window.
         DynamicImage::ImageLuma16(grey) => {
             let values: Vec<f32> = grey.as_raw().iter().map(|&v| f32::from(v)).collect();
             let w = window
@@ -67,9 +94,9 @@ pub fn open_any_with(
             let px = values.iter().map(|&v| w.apply(v)).collect();
             let out = GrayImage::from_raw(grey.width(), grey.height(), px)
                 .expect("same size as the input");
-            Ok(DynamicImage::ImageLuma8(out))
+            DynamicImage::ImageLuma8(out)
         }
-        _ => Ok(image),
+        _ => image,
     }
 }
 

@@ -10,4 +10,5 @@ mod parity;
 mod preprocess;
 mod real_weights;
 mod series;
+mod serve;
 mod tokenizer;
