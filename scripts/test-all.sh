@@ -31,3 +31,15 @@ echo "== cargo test (CPU + wgpu on lavapipe)"
 LLAVA_MED_REQUIRE_TEST_DATA=1 cargo test --workspace --features llava-med/wgpu -- --test-threads=2
 echo "== CUDA type-check (DOCS_RS=1 skips the LLVM download burn-cuda's build script needs)"
 DOCS_RS=1 cargo check -p llava-med --no-default-features --features cuda
+
+# A report, never a failure: our CPU speed beside PyTorch's on the `base` shape (issue 5; figures recorded
+# in BENCHMARKS.md). PyTorch + transformers are pip-installed once when missing (a large download); without
+# them only our side is printed.
+echo "== benchmark report: bench/compare --shape base (f32, CPU; not a test)"
+PY="${PYTHON:-python3}"
+if ! "$PY" -c "import torch, transformers" 2>/dev/null; then
+  timeout 1200 "$PY" -m pip install --quiet --disable-pip-version-check "torch==2.15.0" "transformers==5.24.0" ||
+    echo "(could not install PyTorch: the report shows llava-med alone)"
+fi
+timeout 1800 bench/compare --shape base --runs 2 --new-tokens 16 ||
+  echo "(benchmark report failed or timed out; not a test failure)"

@@ -14,6 +14,7 @@ use crate::generate::{self, GenerateParams, Generation, SamplingParams};
 use crate::imaging::ClipPreprocess;
 use crate::llava::LlavaModel;
 use crate::prompt::{IMAGE_PLACEHOLDER, PromptTokenizer, Template, with_image};
+use crate::quant::Quantization;
 
 /// Model + tokenizer + template.
 pub struct Engine {
@@ -30,11 +31,22 @@ pub struct Engine {
 impl Engine {
     /// Loads the model folder `dir` on `device`; `context` overrides the context length.
     pub fn load(dir: &Path, device: SelectedDevice, context: Option<usize>) -> Result<Self> {
+        Self::load_quantized(dir, device, context, Quantization::None)
+    }
+
+    /// [`Engine::load`] with the decoder's linear weights quantised.
+    pub fn load_quantized(
+        dir: &Path,
+        device: SelectedDevice,
+        context: Option<usize>,
+        quantization: Quantization,
+    ) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::config(dir, "model folder not found"));
         }
         let tokenizer = PromptTokenizer::from_dir(dir)?;
-        let model = LlavaModel::load(dir, &device.device, device.dtype, context)?;
+        let model =
+            LlavaModel::load_quantized(dir, &device.device, device.dtype, context, quantization)?;
         let template = Template::default_for(
             &model.config.model_type,
             model.config.text.kind == DecoderKind::Mistral,

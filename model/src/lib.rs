@@ -4,6 +4,7 @@
 
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod config;
 pub mod device;
 pub mod engine;
@@ -15,6 +16,7 @@ pub mod lm;
 pub mod norm;
 pub mod projector;
 pub mod prompt;
+pub mod quant;
 pub mod serve;
 pub mod vision;
 pub mod weights;

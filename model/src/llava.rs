@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::module::Module;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use crate::config::{
@@ -12,6 +12,7 @@ use crate::config::{
 use crate::error::{Error, Result};
 use crate::lm::{Decoder, KvCache};
 use crate::projector::Projector;
+use crate::quant::Quantization;
 use crate::vision::ClipVisionTower;
 use crate::weights::{WeightFiles, WeightLoader};
 
@@ -52,6 +53,8 @@ pub struct LlavaModel {
     pub dir: PathBuf,
     /// Float type of the tensors on disk (e.g. `BF16`).
     pub stored_dtype: Option<String>,
+    /// How the decoder's linear weights are stored.
+    pub quantization: Quantization,
 }
 
 /// Tensor name prefixes of one layout.
@@ -93,16 +96,56 @@ impl LlavaModel {
         dtype: DType,
         max_context: Option<usize>,
     ) -> Result<Self> {
+        Self::load_quantized(dir, device, dtype, max_context, Quantization::None)
+    }
+
+    /// [`LlavaModel::load`] with the decoder's linear weights quantised.
+    pub fn load_quantized(
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+        max_context: Option<usize>,
+        quantization: Quantization,
+    ) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
         let files = WeightFiles::open_dir(dir)?;
+        let stored = files.stored_dtype();
         let mut w = files.loader(device, dtype);
+        w.set_quantization(quantization);
+        Self::build(config, w, dir, max_context, stored)
+    }
+
+    /// A model of `config`'s shapes with random weights, made on the device without any file (for
+    /// benchmarks of shapes no one has to download). Seed the device for repeatable weights.
+    pub fn random(
+        config: ModelConfig,
+        device: &Device,
+        dtype: DType,
+        max_context: Option<usize>,
+        quantization: Quantization,
+    ) -> Result<Self> {
+        let mut w = WeightLoader::random(device, dtype);
+        w.set_quantization(quantization);
+        Self::build(config, w, Path::new("."), max_context, None)
+    }
+
+    fn build(
+        config: ModelConfig,
+        mut w: WeightLoader,
+        dir: &Path,
+        max_context: Option<usize>,
+        stored_dtype: Option<String>,
+    ) -> Result<Self> {
         let linear = matches!(
             config.multimodal.as_ref().map(|m| m.projector),
             Some(crate::config::ProjectorKind::Linear)
         );
         let n = names(config.layout, linear);
         let context = max_context.unwrap_or(config.max_context).max(1);
+        // Only the decoder's linear layers are quantised (see `quant`).
+        let quantization = w.quantization();
         let lm = Decoder::load(&mut w, n.lm, n.head, &config.text, context)?;
+        w.set_quantization(Quantization::None);
         let (vision, vision_weights, mut skipped) = match &config.multimodal {
             None => (None, None, Vec::new()),
             Some(mm) => {
@@ -119,12 +162,13 @@ impl LlavaModel {
         })?);
         Ok(Self {
             config,
+            quantization,
             lm,
             vision,
             vision_weights,
             skipped_tensors: skipped,
             dir: dir.to_path_buf(),
-            stored_dtype: files.stored_dtype(),
+            stored_dtype,
         })
     }
 
@@ -156,6 +200,17 @@ impl LlavaModel {
             .as_ref()
             .map_or((0, 0), |v| (v.tower.num_params(), v.projector.num_params()));
         (self.lm.num_params(), t, p)
+    }
+
+    /// Bytes the weights take where they live (quantised weights at their stored size, scales included).
+    pub fn weight_bytes(&self) -> usize {
+        let mut counter = WeightBytes { bytes: 0.0 };
+        self.lm.visit(&mut counter);
+        if let Some(v) = &self.vision {
+            v.tower.visit(&mut counter);
+            v.projector.visit(&mut counter);
+        }
+        counter.bytes as usize
     }
 
     /// The selected vision hidden state, class token included: `[images, 1 + patches, vision_hidden]`.
@@ -282,6 +337,22 @@ impl LlavaModel {
     /// The device the weights live on.
     pub fn lm_device(&self) -> Device {
         self.lm.devices().first().cloned().unwrap_or_default()
+    }
+}
+
+/// Sums the stored size of every float parameter.
+struct WeightBytes {
+    bytes: f64,
+}
+
+impl ModuleVisitor for WeightBytes {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let t = param.val();
+        let n = t.shape().num_elements() as f64;
+        self.bytes += match t.dtype() {
+            DType::QFloat(scheme) => crate::quant::quantised_bytes(&scheme, n as usize),
+            d => n * d.size() as f64,
+        };
     }
 }
 

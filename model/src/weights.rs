@@ -8,11 +8,12 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Param;
 use burn::nn::{Embedding, Linear};
-use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Distribution, Tensor, TensorData};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
+use crate::quant::Quantization;
 
 /// One memory-mapped safetensors file with its parsed header.
 struct Shard {
@@ -139,10 +140,11 @@ impl WeightFiles {
     /// A loader that creates tensors of `dtype` on `device`.
     pub fn loader(&self, device: &Device, dtype: DType) -> WeightLoader<'_> {
         WeightLoader {
-            files: self,
+            files: Some(self),
             device: device.clone(),
             dtype,
             used: HashSet::new(),
+            quantization: Quantization::None,
         }
     }
 
@@ -247,12 +249,28 @@ fn open_shard(path: &Path) -> Result<Shard> {
     })
 }
 
-/// Creates Burn parameters from checkpoint tensors, remembering which were used.
+/// Creates Burn parameters from checkpoint tensors, remembering which were used; or, without files, random
+/// parameters of the requested shapes (benchmarks of model shapes no one has to download).
 pub struct WeightLoader<'a> {
-    files: &'a WeightFiles,
+    files: Option<&'a WeightFiles>,
     device: Device,
     dtype: DType,
     used: HashSet<String>,
+    quantization: Quantization,
+}
+
+impl WeightLoader<'static> {
+    /// A loader that makes up every tensor: normal(0, 0.02) weights, unit norm scales, zero biases (so
+    /// activations stay in a realistic range). Seed the device's generator for repeatable weights.
+    pub fn random(device: &Device, dtype: DType) -> Self {
+        WeightLoader {
+            files: None,
+            device: device.clone(),
+            dtype,
+            used: HashSet::new(),
+            quantization: Quantization::None,
+        }
+    }
 }
 
 impl WeightLoader<'_> {
@@ -266,16 +284,43 @@ impl WeightLoader<'_> {
         self.dtype
     }
 
-    /// Whether the checkpoint holds `name`.
+    /// Quantises the weights of the linear layers loaded from now on (embeddings and norms never).
+    pub fn set_quantization(&mut self, quantization: Quantization) {
+        self.quantization = quantization;
+    }
+
+    /// The quantisation applied to linear layers loaded now.
+    pub fn quantization(&self) -> Quantization {
+        self.quantization
+    }
+
+    /// Whether the checkpoint holds `name` (a random loader holds everything).
     pub fn contains(&self, name: &str) -> bool {
-        self.files.contains(name)
+        self.files.is_none_or(|f| f.contains(name))
     }
 
     /// A tensor of exactly `shape`.
     pub fn tensor<const D: usize>(&mut self, name: &str, shape: [usize; D]) -> Result<Tensor<D>> {
-        let values = self.files.read_f32(name, &shape)?;
+        let Some(files) = self.files else {
+            return Ok(self.made_up(name, shape));
+        };
+        let values = files.read_f32(name, &shape)?;
         self.used.insert(name.to_string());
         Ok(self.upload(values, shape.to_vec()))
+    }
+
+    fn made_up<const D: usize>(&self, name: &str, shape: [usize; D]) -> Tensor<D> {
+        let norm_scale = name.ends_with("norm.weight")
+            || name.ends_with("layernorm.weight")
+            || name.ends_with("layrnorm.weight");
+        if norm_scale {
+            Tensor::ones(shape, (&self.device, self.dtype))
+        } else if name.ends_with(".bias") {
+            Tensor::zeros(shape, (&self.device, self.dtype))
+        } else {
+            Tensor::<D>::random(shape, Distribution::Normal(0.0, 0.02), &self.device)
+                .cast(self.dtype)
+        }
     }
 
     /// A PyTorch `nn.Linear` (`{prefix}.weight` [out, in], optional `{prefix}.bias`) as a Burn [`Linear`]
@@ -288,9 +333,14 @@ impl WeightLoader<'_> {
         bias: bool,
     ) -> Result<Linear> {
         let name = format!("{prefix}.weight");
-        let w = self.files.read_f32(&name, &[d_out, d_in])?;
-        self.used.insert(name);
-        let weight = self.upload(transpose(&w, d_out, d_in), vec![d_in, d_out]);
+        let weight = match self.files {
+            Some(files) => {
+                let w = files.read_f32(&name, &[d_out, d_in])?;
+                self.used.insert(name);
+                self.upload(transpose(&w, d_out, d_in), vec![d_in, d_out])
+            }
+            None => self.made_up(&name, [d_in, d_out]),
+        };
         let bias = if bias {
             Some(Param::from_tensor(
                 self.tensor(&format!("{prefix}.bias"), [d_out])?,
@@ -299,8 +349,57 @@ impl WeightLoader<'_> {
             None
         };
         Ok(Linear {
-            weight: Param::from_tensor(weight),
+            weight: Param::from_tensor(self.quantization.apply(weight)),
             bias,
+        })
+    }
+
+    /// Several PyTorch `nn.Linear`s with the same input, fused into one [`Linear`] whose outputs are theirs
+    /// side by side (q, k and v; gate and up): one matrix product instead of several.
+    pub fn fused_linear(
+        &mut self,
+        prefixes: &[String],
+        d_in: usize,
+        d_outs: &[usize],
+        bias: bool,
+    ) -> Result<Linear> {
+        let total: usize = d_outs.iter().sum();
+        let Some(files) = self.files else {
+            let name = format!("{}.weight", prefixes[0]);
+            return Ok(Linear {
+                weight: Param::from_tensor(
+                    self.quantization.apply(self.made_up(&name, [d_in, total])),
+                ),
+                bias: bias.then(|| Param::from_tensor(self.made_up(".bias", [total]))),
+            });
+        };
+        let mut parts = Vec::with_capacity(prefixes.len());
+        let mut biases = Vec::with_capacity(total);
+        for (prefix, &d_out) in prefixes.iter().zip(d_outs) {
+            let name = format!("{prefix}.weight");
+            let w = files.read_f32(&name, &[d_out, d_in])?;
+            self.used.insert(name);
+            parts.push(transpose(&w, d_out, d_in));
+            if bias {
+                let name = format!("{prefix}.bias");
+                biases.extend(files.read_f32(&name, &[d_out])?);
+                self.used.insert(name);
+            }
+        }
+        // Row r of the fused [in, total] matrix is row r of each part, side by side.
+        let mut fused = Vec::with_capacity(d_in * total);
+        for r in 0..d_in {
+            for (part, &d_out) in parts.iter().zip(d_outs) {
+                fused.extend_from_slice(&part[r * d_out..(r + 1) * d_out]);
+            }
+        }
+        drop(parts);
+        Ok(Linear {
+            weight: Param::from_tensor(
+                self.quantization
+                    .apply(self.upload(fused, vec![d_in, total])),
+            ),
+            bias: bias.then(|| Param::from_tensor(self.upload(biases, vec![total]))),
         })
     }
 
@@ -330,7 +429,10 @@ impl WeightLoader<'_> {
     pub fn finish(self, ignorable: impl Fn(&str) -> bool) -> Result<Vec<String>> {
         let mut ignored = Vec::new();
         let mut unexpected = Vec::new();
-        for name in self.files.names() {
+        let Some(files) = self.files else {
+            return Ok(ignored);
+        };
+        for name in files.names() {
             if self.used.contains(name) {
                 continue;
             }
@@ -343,7 +445,7 @@ impl WeightLoader<'_> {
         if !unexpected.is_empty() {
             let shown: Vec<&str> = unexpected.iter().take(5).map(String::as_str).collect();
             return Err(Error::weights(
-                &self.files.dir,
+                &files.dir,
                 format!(
                     "{} unexpected tensor(s) in the checkpoint, e.g. `{}`; is this the right layout or config?",
                     unexpected.len(),

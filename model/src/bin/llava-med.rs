@@ -11,7 +11,6 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::DType;
 use clap::{Args, Parser, Subcommand};
 use image::DynamicImage;
-use llava_med::IMAGE_SLOT;
 use llava_med::device::{DeviceChoice, parse_dtype, select};
 use llava_med::engine::Engine;
 use llava_med::generate::SamplingParams;
@@ -21,6 +20,8 @@ use llava_med::imaging::{
     DicomFile, DicomOptions, WindowChoice, is_dicom, open_any_with_time_limit, with_time_limit,
 };
 use llava_med::prompt::{PromptTokenizer, Template};
+use llava_med::quant::Quantization;
+use llava_med::{IMAGE_SLOT, LlavaModel};
 
 #[derive(Parser)]
 #[command(
@@ -44,6 +45,9 @@ struct DeviceArgs {
     /// Context length in tokens (default: the model's).
     #[arg(long)]
     context: Option<usize>,
+    /// Weight-only quantisation of the decoder's linear layers: none, int8 or int4.
+    #[arg(long, default_value = "none")]
+    quant: String,
 }
 
 #[derive(Args, Clone)]
@@ -188,6 +192,29 @@ enum Command {
     },
     /// Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health).
     Serve(ServeArgs),
+    /// Measure load, vision, prefill, decode (context 128/512/2048), time to first token and memory.
+    Bench {
+        /// Model folder.
+        #[arg(long, conflicts_with = "shape", required_unless_present = "shape")]
+        model: Option<PathBuf>,
+        /// A named shape with random weights instead of a model: tiny, base or 7b.
+        #[arg(long)]
+        shape: Option<String>,
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// Prompt length for the prefill figure.
+        #[arg(long, default_value_t = 512)]
+        prompt_tokens: usize,
+        /// Tokens decoded per decode run.
+        #[arg(long, default_value_t = 32)]
+        new_tokens: usize,
+        /// Timed runs per figure (after one warm-up).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Print one JSON object instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
     /// Interactive multi-turn chat in the terminal (`/image PATH`, `/reset`, `/quit`).
     Chat {
         /// Model folder.
@@ -342,6 +369,25 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Serve(args) => serve(args),
+        Command::Bench {
+            model,
+            shape,
+            device,
+            prompt_tokens,
+            new_tokens,
+            runs,
+            json,
+        } => bench(
+            model.as_deref(),
+            shape.as_deref(),
+            &device,
+            &llava_med::bench::BenchOptions {
+                prompt_tokens,
+                new_tokens,
+                runs,
+            },
+            json,
+        ),
         Command::Chat {
             model,
             image,
@@ -395,8 +441,14 @@ fn load(model: &Path, args: &DeviceArgs) -> Result<Engine> {
     let choice: DeviceChoice = args.device.parse()?;
     let dtype = args.dtype.as_deref().map(parse_dtype).transpose()?;
     let selected = select(choice, dtype)?;
-    tracing::info!(device = %selected.kind, dtype = ?selected.dtype, "loading {}", model.display());
-    Ok(Engine::load(model, selected, args.context)?)
+    let quant: Quantization = args.quant.parse()?;
+    tracing::info!(device = %selected.kind, dtype = ?selected.dtype, %quant, "loading {}", model.display());
+    Ok(Engine::load_quantized(
+        model,
+        selected,
+        args.context,
+        quant,
+    )?)
 }
 
 fn template(engine: &Engine, name: Option<&str>) -> Result<Template> {
@@ -412,6 +464,80 @@ fn sampling_params(s: &SamplingArgs) -> SamplingParams {
         top_p: s.top_p,
         seed: s.seed,
     }
+}
+
+fn bench(
+    model: Option<&Path>,
+    shape: Option<&str>,
+    args: &DeviceArgs,
+    options: &llava_med::bench::BenchOptions,
+    json: bool,
+) -> Result<()> {
+    let choice: DeviceChoice = args.device.parse()?;
+    let dtype = args.dtype.as_deref().map(parse_dtype).transpose()?;
+    let selected = select(choice, dtype)?;
+    // Room for the longest decode figure, not the model's whole context (a 32k KV cache would dominate
+    // the memory figures).
+    let longest = llava_med::bench::DECODE_CONTEXTS[2];
+    let context = args
+        .context
+        .unwrap_or(longest + options.new_tokens + 64)
+        .max(options.prompt_tokens + 1);
+    let quant: Quantization = args.quant.parse()?;
+    let start = std::time::Instant::now();
+    let loaded = match (model, shape) {
+        (Some(dir), _) => {
+            LlavaModel::load_quantized(dir, &selected.device, selected.dtype, Some(context), quant)?
+        }
+        (None, Some(name)) => LlavaModel::random(
+            llava_med::bench::shape_config(name)?,
+            &selected.device,
+            selected.dtype,
+            Some(context),
+            quant,
+        )?,
+        (None, None) => bail!("give --model DIR or --shape NAME"),
+    };
+    let load_s = start.elapsed().as_secs_f64();
+    let mut report = llava_med::bench::run(&loaded, load_s, options)?;
+    report["shape"] = serde_json::json!(shape);
+    report["model"] = serde_json::json!(model.map(|m| m.display().to_string()));
+    report["device"] = serde_json::json!(selected.kind.to_string());
+    report["dtype"] = serde_json::json!(format!("{:?}", selected.dtype).to_lowercase());
+    report["quantization"] = serde_json::json!(quant.to_string());
+    report["threads"] =
+        serde_json::json!(std::thread::available_parallelism().map_or(1, usize::from));
+    report["date"] = serde_json::json!(utc_now());
+    if json {
+        println!("{report}");
+        return Ok(());
+    }
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+/// The current UTC time as ISO 8601 (seconds).
+fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
@@ -580,8 +706,8 @@ fn inspect(model: &Path, device: &DeviceArgs) -> Result<()> {
         c.torch_dtype.as_deref().unwrap_or("nothing")
     );
     println!(
-        "loaded as:        {:?} on {}",
-        engine.device.dtype, engine.device.kind
+        "loaded as:        {:?} on {}, decoder linear weights {}",
+        engine.device.dtype, engine.device.kind, m.quantization
     );
     println!("context:          {} tokens", m.lm.max_positions());
     println!("template:         {}", engine.template);

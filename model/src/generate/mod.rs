@@ -77,7 +77,7 @@ pub fn generate(
         if tokens.len() >= params.max_new_tokens {
             break FinishReason::Length;
         }
-        let next = sampler.sample(&host_logits(logits));
+        let next = next_token(logits, &mut sampler);
         if params.stop_ids.contains(&next) {
             break FinishReason::Stop;
         }
@@ -137,7 +137,23 @@ pub fn greedy_without_cache(
     Ok(out)
 }
 
-fn step(model: &LlavaModel, cache: &mut KvCache, token: u32) -> Result<Tensor<1>> {
+/// The next token: greedy picks the argmax on the device and reads back only its id; sampling needs the
+/// logits on the host.
+pub fn next_token(logits: Tensor<1>, sampler: &mut Sampler) -> u32 {
+    if sampler.is_greedy() {
+        let id = logits
+            .argmax(0)
+            .into_data()
+            .convert::<i64>()
+            .try_into_vec::<i64>()
+            .expect("one argmax id");
+        return u32::try_from(id[0]).expect("a vocabulary id");
+    }
+    sampler.sample(&host_logits(logits))
+}
+
+/// Runs one new token through the model, returning the logits of the next position.
+pub fn step(model: &LlavaModel, cache: &mut KvCache, token: u32) -> Result<Tensor<1>> {
     let embeds = model.embed_sequence(&[i64::from(token)], None)?;
     model.forward_last(embeds, cache)
 }

@@ -4,7 +4,7 @@ use burn::module::Module;
 use burn::nn::Linear;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Int, Tensor};
+use burn::tensor::{Bool, DType, Int, Tensor};
 
 use super::kv_cache::KvCache;
 use super::rope::Rope;
@@ -15,9 +15,8 @@ use crate::weights::WeightLoader;
 /// LLaMA/Mistral attention (no biases).
 #[derive(Module, Debug)]
 pub struct SelfAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// `q_proj`, `k_proj` and `v_proj` side by side: one matrix product per step instead of three.
+    qkv_proj: Linear,
     o_proj: Linear,
     num_heads: usize,
     num_kv_heads: usize,
@@ -33,10 +32,9 @@ impl SelfAttention {
             c.num_heads * c.head_dim,
             c.num_kv_heads * c.head_dim,
         );
+        let names = ["q_proj", "k_proj", "v_proj"].map(|n| format!("{prefix}.{n}"));
         Ok(Self {
-            q_proj: w.linear(&format!("{prefix}.q_proj"), d, q, false)?,
-            k_proj: w.linear(&format!("{prefix}.k_proj"), d, kv, false)?,
-            v_proj: w.linear(&format!("{prefix}.v_proj"), d, kv, false)?,
+            qkv_proj: w.fused_linear(&names, d, &[q, kv, kv], false)?,
             o_proj: w.linear(&format!("{prefix}.o_proj"), q, d, false)?,
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
@@ -61,15 +59,20 @@ impl SelfAttention {
         let offset = cache.len();
         let split =
             |t: Tensor<3>, heads: usize| t.reshape([b, seq, heads, self.head_dim]).swap_dims(1, 2);
+        let (q_dim, kv_dim) = (
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        );
+        let qkv = self.qkv_proj.forward(x);
         let q = rope.apply(
-            split(self.q_proj.forward(x.clone()), self.num_heads),
+            split(qkv.clone().narrow(2, 0, q_dim), self.num_heads),
             offset,
         );
         let k = rope.apply(
-            split(self.k_proj.forward(x.clone()), self.num_kv_heads),
+            split(qkv.clone().narrow(2, q_dim, kv_dim), self.num_kv_heads),
             offset,
         );
-        let v = split(self.v_proj.forward(x), self.num_kv_heads);
+        let v = split(qkv.narrow(2, q_dim + kv_dim, kv_dim), self.num_kv_heads);
         let (k, v) = cache.append(layer, k, v);
         let total = k.dims()[2];
         let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
@@ -84,6 +87,15 @@ impl SelfAttention {
             .unsqueeze::<4>()
             .expand([b, self.num_heads, seq, total]);
             attention(q, k, v, Some(mask), None, AttentionModuleOptions::default())
+        } else if seq == 1 {
+            // One new position sees every cached key: plain softmax(q·kᵀ/√d)·v. Two matrix products read
+            // the cache where it lies; the fused kernel copied the strided cache view first, which made
+            // decoding at long contexts twice as slow.
+            let scale = (self.head_dim as f64).powf(-0.5);
+            let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+            let probs =
+                burn::tensor::activation::softmax(scores.cast(DType::F32), 3).cast(v.dtype());
+            probs.matmul(v)
         } else {
             // Causal with the diagonal aligned bottom-right, which is right for a cached prefix too.
             let options = AttentionModuleOptions {

@@ -1,4 +1,4 @@
-//! SwiGLU feed-forward block: down(silu(gate(x)) · up(x)).
+//! SwiGLU feed-forward block: down(silu(gate(x)) · up(x)), with gate and up fused into one projection.
 
 use burn::module::Module;
 use burn::nn::Linear;
@@ -10,24 +10,28 @@ use crate::weights::WeightLoader;
 /// LLaMA/Mistral MLP.
 #[derive(Module, Debug)]
 pub struct SwiGlu {
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// `gate_proj` and `up_proj` side by side: `[d, 2 · inner]`.
+    gate_up_proj: Linear,
     down_proj: Linear,
+    inner: usize,
 }
 
 impl SwiGlu {
     /// Loads `{prefix}.{gate,up,down}_proj`.
     pub fn load(w: &mut WeightLoader, prefix: &str, d: usize, inner: usize) -> Result<Self> {
+        let names = [format!("{prefix}.gate_proj"), format!("{prefix}.up_proj")];
         Ok(Self {
-            gate_proj: w.linear(&format!("{prefix}.gate_proj"), d, inner, false)?,
-            up_proj: w.linear(&format!("{prefix}.up_proj"), d, inner, false)?,
+            gate_up_proj: w.fused_linear(&names, d, &[inner, inner], false)?,
             down_proj: w.linear(&format!("{prefix}.down_proj"), inner, d, false)?,
+            inner,
         })
     }
 
     /// `[.., d]` → `[.., d]`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let gate = activation::silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let h = self.gate_up_proj.forward(x);
+        let gate = activation::silu(h.clone().narrow(D - 1, 0, self.inner));
+        let up = h.narrow(D - 1, self.inner, self.inner);
+        self.down_proj.forward(gate * up)
     }
 }

