@@ -180,9 +180,12 @@ pub fn run(model: &LlavaModel, load_s: f64, options: &BenchOptions) -> Result<Va
     };
 
     let (lm, tower, projector) = model.num_params();
+    let (lm_b, tower_b, projector_b) = model.weight_bytes();
+    let mb = |b: usize| b as f64 / 1e6;
     Ok(json!({
         "implementation": "llava-med",
         "params": {"language_model": lm, "vision_tower": tower, "projector": projector},
+        "weight_mb": {"language_model": mb(lm_b), "vision_tower": mb(tower_b), "projector": mb(projector_b)},
         "runs": options.runs,
         "new_tokens": options.new_tokens,
         "prompt_tokens": n,

@@ -202,15 +202,22 @@ impl LlavaModel {
         (self.lm.num_params(), t, p)
     }
 
-    /// Bytes the weights take where they live (quantised weights at their stored size, scales included).
-    pub fn weight_bytes(&self) -> usize {
-        let mut counter = WeightBytes { bytes: 0.0 };
-        self.lm.visit(&mut counter);
-        if let Some(v) = &self.vision {
-            v.tower.visit(&mut counter);
-            v.projector.visit(&mut counter);
-        }
-        counter.bytes as usize
+    /// Bytes the weights take where they live (quantised weights at their stored size, scales included):
+    /// decoder, vision tower, projector.
+    pub fn weight_bytes(&self) -> (usize, usize, usize) {
+        let bytes = |visit: &dyn Fn(&mut WeightBytes)| {
+            let mut counter = WeightBytes { bytes: 0.0 };
+            visit(&mut counter);
+            counter.bytes as usize
+        };
+        let lm = bytes(&|c| self.lm.visit(c));
+        let (tower, projector) = self.vision.as_ref().map_or((0, 0), |v| {
+            (
+                bytes(&|c| v.tower.visit(c)),
+                bytes(&|c| v.projector.visit(c)),
+            )
+        });
+        (lm, tower, projector)
     }
 
     /// The selected vision hidden state, class token included: `[images, 1 + patches, vision_hidden]`.
