@@ -98,7 +98,7 @@ pub fn peak_host_mb() -> Option<f64> {
         .trim()
         .parse()
         .ok()?;
-    Some(kb / 1024.0)
+    Some(kb * 1024.0 / 1e6)
 }
 
 /// Measures `model` (loaded in `load_s` seconds). The vision and TTFT figures need a vision tower.

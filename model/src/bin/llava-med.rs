@@ -712,6 +712,9 @@ fn inspect(model: &Path, device: &DeviceArgs) -> Result<()> {
     println!("context:          {} tokens", m.lm.max_positions());
     println!("template:         {}", engine.template);
     println!("tokenizer:        {}", engine.tokenizer.source().display());
+    if let Some(mb) = llava_med::bench::peak_host_mb() {
+        println!("peak memory:      {mb:.0} MB resident (this process, loading included)");
+    }
     if !m.skipped_tensors.is_empty() {
         println!(
             "not loaded:       {} tensors the model never uses (e.g. {})",

@@ -96,30 +96,31 @@ fn loading_peak_memory_stays_near_model_size() {
     let model_bytes = std::fs::metadata(dir.join("model.safetensors"))
         .unwrap()
         .len() as f64;
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_llava-med"))
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llava-med"))
         .args(["inspect", "--device", "cpu", "--model"])
         .arg(&dir)
-        .stdout(std::process::Stdio::null())
-        .status()
+        .output()
         .unwrap();
-    assert!(status.success());
-    // ru_maxrss of waited-for children (KiB); this child is the largest any test in this binary starts.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    assert_eq!(
-        unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) },
-        0
-    );
-    let peak = usage.ru_maxrss as f64 * 1024.0;
+    assert!(out.status.success());
+    // The child's own high-water mark (`VmHWM`), which `inspect` prints. Not the parent's rusage of its
+    // children: a child spawned while this test process is large starts out sharing its pages, and that
+    // pre-exec size counts in the child's rusage (1.5 and 1.7 GB were seen that way while another test ran).
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mb: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("peak memory:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no peak memory line in: {stdout}"));
+    let peak = mb * 1e6;
     eprintln!(
         "peak RSS while loading SmolLM2: {:.0} MB for {:.0} MB of f32 weights ({:.2}x)",
         peak / 1e6,
         model_bytes / 1e6,
         peak / model_bytes
     );
-    // 1.28-1.36x alone; up to 1.51x seen while other tests load the CPU (the CPU backend's worker threads
-    // each keep some freed memory in their own allocator arena).
     assert!(
-        peak < 1.6 * model_bytes,
+        peak < 1.5 * model_bytes,
         "peak {peak} bytes for a {model_bytes}-byte model"
     );
 }

@@ -107,10 +107,15 @@ impl Server {
     }
 
     fn rss_kb(&self) -> u64 {
+        self.status_kb("VmRSS:")
+    }
+
+    /// A `kB` line of the server's `/proc/PID/status` (`VmRSS:`, `VmHWM:` …).
+    fn status_kb(&self, key: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(key))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap()
     }
@@ -655,7 +660,10 @@ fn hundreds_of_malformed_bodies_leave_the_server_healthy() {
         }
         *statuses.entry(r.status).or_insert(0) += 1;
     }
-    eprintln!("fuzz: statuses {statuses:?}");
+    eprintln!(
+        "fuzz: statuses {statuses:?}; server peak RSS {} MB",
+        server.status_kb("VmHWM:") / 1024
+    );
     assert!(
         statuses.get(&400).copied().unwrap_or(0) > 200,
         "{statuses:?}"
@@ -731,16 +739,17 @@ fn long_body(stream: bool) -> Value {
     body
 }
 
+/// Sends a long request without reading the answer.
+fn send_long(server: &Server, stream: bool) -> TcpStream {
+    let mut s = server.connect();
+    let body = long_body(stream).to_string();
+    send_request(&mut s, "POST", "/v1/chat/completions", &[], body.as_bytes());
+    s
+}
+
 /// Opens a long streaming generation and reads until its first text arrives.
 fn start_long_stream(server: &Server) -> TcpStream {
-    let mut s = server.connect();
-    send_request(
-        &mut s,
-        "POST",
-        "/v1/chat/completions",
-        &[],
-        long_body(true).to_string().as_bytes(),
-    );
+    let mut s = send_long(server, true);
     let mut seen = Vec::new();
     let mut buf = [0u8; 1024];
     while count_content(&seen) < 2 {
@@ -792,14 +801,7 @@ fn a_disconnecting_client_cancels_and_sigterm_ends_the_server_quickly() {
     drop(stream);
     wait_cancelled(&server, 1);
     // A non-streaming client that hangs up is cancelled too.
-    let mut s = server.connect();
-    send_request(
-        &mut s,
-        "POST",
-        "/v1/chat/completions",
-        &[],
-        long_body(false).to_string().as_bytes(),
-    );
+    let s = send_long(&server, false);
     while server.health()["queue"]["running"] != 1 {
         std::thread::sleep(Duration::from_millis(5));
     }
