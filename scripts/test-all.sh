@@ -38,8 +38,14 @@ DOCS_RS=1 cargo check -p llava-med --no-default-features --features cuda
 echo "== benchmark report: bench/compare --shape base (f32, CPU; not a test)"
 PY="${PYTHON:-python3}"
 if ! "$PY" -c "import torch, transformers" 2>/dev/null; then
-  timeout 1200 "$PY" -m pip install --quiet --disable-pip-version-check "torch==2.15.0" "transformers==5.24.0" ||
-    echo "(could not install PyTorch: the report shows llava-med alone)"
+  # PyPI's torch brings the CUDA libraries: several GB. Only with room to spare.
+  free_gb=$(df -Pk "$HOME" | awk 'NR==2 {print int($4 / 1048576)}')
+  if [ "${free_gb:-0}" -ge 15 ]; then
+    timeout 1200 "$PY" -m pip install --quiet --disable-pip-version-check "torch==2.15.0" "transformers==5.24.0" ||
+      echo "(could not install PyTorch: the report shows llava-med alone)"
+  else
+    echo "(only ${free_gb:-?} GB free: PyTorch not installed, the report shows llava-med alone)"
+  fi
 fi
 timeout 1800 bench/compare --shape base --runs 2 --new-tokens 16 ||
   echo "(benchmark report failed or timed out; not a test failure)"
