@@ -75,7 +75,6 @@ impl SelfAttention {
         let v = split(qkv.narrow(2, q_dim + kv_dim, kv_dim), self.num_kv_heads);
         let (k, v) = cache.append(layer, k, v);
         let total = k.dims()[2];
-        let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
         let windowed = self.sliding_window.is_some_and(|w| total > w);
         let out = if windowed {
             let mask = window_mask(
@@ -86,22 +85,29 @@ impl SelfAttention {
             )
             .unsqueeze::<4>()
             .expand([b, self.num_heads, seq, total]);
+            let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
             attention(q, k, v, Some(mask), None, AttentionModuleOptions::default())
         } else if seq == 1 {
             // One new position sees every cached key: plain softmax(q·kᵀ/√d)·v. Two matrix products read
-            // the cache where it lies; the fused kernel copied the strided cache view first, which made
-            // decoding at long contexts twice as slow.
+            // the cache where it lies (the fused kernel copied the strided cache view first, which made
+            // decoding at long contexts twice as slow), and the query heads of one KV head go in as rows
+            // of one product, so grouped-query attention never copies the cache once per query head.
+            let groups = self.num_heads / self.num_kv_heads;
+            let q = q.reshape([b, self.num_kv_heads, groups, self.head_dim]);
             let scale = (self.head_dim as f64).powf(-0.5);
             let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
             let probs =
                 burn::tensor::activation::softmax(scores.cast(DType::F32), 3).cast(v.dtype());
-            probs.matmul(v)
+            probs
+                .matmul(v)
+                .reshape([b, self.num_heads, 1, self.head_dim])
         } else {
             // Causal with the diagonal aligned bottom-right, which is right for a cached prefix too.
             let options = AttentionModuleOptions {
                 is_causal: seq > 1,
                 ..Default::default()
             };
+            let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
             attention(q, k, v, None, None, options)
         };
         self.o_proj.forward(
