@@ -108,6 +108,15 @@ pub fn run(model: &LlavaModel, load_s: f64, options: &BenchOptions) -> Result<Va
     let capacity = model.lm.max_positions();
     let mut rng = StdRng::seed_from_u64(0);
     let greedy = SamplingParams::default();
+    // What the device's allocator holds, sampled after each measurement (pools only grow, so the last
+    // samples are the peak); `None` on backends that do not report it (the CPU).
+    let device_peak = std::cell::Cell::new(None::<u64>);
+    let sample = || {
+        if let Some(u) = device.memory_pool_usage() {
+            device_peak.set(Some(device_peak.get().unwrap_or(0).max(u.bytes_reserved)));
+        }
+    };
+    sample();
 
     let image = model.image_size().map(|size| {
         Tensor::<4>::random([1, 3, size, size], Distribution::Normal(0.0, 1.0), &device)
@@ -118,7 +127,9 @@ pub fn run(model: &LlavaModel, load_s: f64, options: &BenchOptions) -> Result<Va
             let features = model.encode_images(pixels.clone())?;
             // Reading one value back waits for the device.
             let _ = features.sum().into_data();
-            Ok(start.elapsed().as_secs_f64() * 1e3)
+            let ms = start.elapsed().as_secs_f64() * 1e3;
+            sample();
+            Ok(ms)
         })?)),
         None => None,
     };
@@ -130,7 +141,9 @@ pub fn run(model: &LlavaModel, load_s: f64, options: &BenchOptions) -> Result<Va
         let start = Instant::now();
         let logits = model.forward_last(model.embed_sequence(&prompt, None)?, &mut cache)?;
         next_token(logits, &mut Sampler::new(greedy.clone()));
-        Ok(n as f64 / start.elapsed().as_secs_f64())
+        let rate = n as f64 / start.elapsed().as_secs_f64();
+        sample();
+        Ok(rate)
     })?);
 
     let mut decode = Vec::new();
@@ -151,6 +164,7 @@ pub fn run(model: &LlavaModel, load_s: f64, options: &BenchOptions) -> Result<Va
                 token = next_token(logits, &mut sampler);
             }
             let s = start.elapsed().as_secs_f64();
+            sample();
             ms_per_token.push(s * 1e3 / options.new_tokens as f64);
             Ok(options.new_tokens as f64 / s)
         })?;
@@ -173,7 +187,9 @@ pub fn run(model: &LlavaModel, load_s: f64, options: &BenchOptions) -> Result<Va
                 let embeds = model.embed_sequence(&ids, Some(&features))?;
                 let logits = model.forward_last(embeds, &mut cache)?;
                 next_token(logits, &mut Sampler::new(greedy.clone()));
-                Ok(start.elapsed().as_secs_f64() * 1e3)
+                let ms = start.elapsed().as_secs_f64() * 1e3;
+                sample();
+                Ok(ms)
             })?))
         }
         None => None,
@@ -195,7 +211,7 @@ pub fn run(model: &LlavaModel, load_s: f64, options: &BenchOptions) -> Result<Va
         "decode": decode,
         "ttft_ms": ttft_ms,
         "peak_host_mb": peak_host_mb(),
-        "peak_device_mb": null,
+        "peak_device_mb": device_peak.get().map(|b| b as f64 / 1e6),
     }))
 }
 
