@@ -106,9 +106,7 @@ impl Engine {
         }
         let text = template.render(system, &turns);
         let ids = self.tokenizer.encode_prompt(&text)?;
-        let positions = ids.len()
-            + ids.iter().filter(|&&i| i == crate::IMAGE_SLOT).count()
-                * self.model.tokens_per_image().saturating_sub(1);
+        let positions = self.prompt_positions(&ids);
         if positions >= self.model.lm.max_positions() {
             return Err(Error::ContextOverflow {
                 needed: positions,
@@ -116,6 +114,12 @@ impl Engine {
             });
         }
         Ok(ids)
+    }
+
+    /// Positions prompt ids take in the context: each image slot stands for all of an image's embeddings.
+    pub fn prompt_positions(&self, ids: &[i64]) -> usize {
+        let slots = ids.iter().filter(|&&i| i == crate::IMAGE_SLOT).count();
+        ids.len() + slots * self.model.tokens_per_image().saturating_sub(1)
     }
 
     /// Answers the last turn of a conversation, streaming text to `on_text`.

@@ -332,30 +332,12 @@ impl WeightLoader<'_> {
         d_out: usize,
         bias: bool,
     ) -> Result<Linear> {
-        let name = format!("{prefix}.weight");
-        let weight = match self.files {
-            Some(files) => {
-                let w = files.read_f32(&name, &[d_out, d_in])?;
-                self.used.insert(name);
-                self.upload(transpose(&w, d_out, d_in), vec![d_in, d_out])
-            }
-            None => self.made_up(&name, [d_in, d_out]),
-        };
-        let bias = if bias {
-            Some(Param::from_tensor(
-                self.tensor(&format!("{prefix}.bias"), [d_out])?,
-            ))
-        } else {
-            None
-        };
-        Ok(Linear {
-            weight: Param::from_tensor(self.quantization.apply(weight)),
-            bias,
-        })
+        self.fused_linear(&[prefix.to_string()], d_in, &[d_out], bias)
     }
 
     /// Several PyTorch `nn.Linear`s with the same input, fused into one [`Linear`] whose outputs are theirs
-    /// side by side (q, k and v; gate and up): one matrix product instead of several.
+    /// side by side (q, k and v; gate and up): one matrix product instead of several. Weights of linear
+    /// layers are quantised here when the loader is set to.
     pub fn fused_linear(
         &mut self,
         prefixes: &[String],
@@ -386,14 +368,18 @@ impl WeightLoader<'_> {
                 self.used.insert(name);
             }
         }
-        // Row r of the fused [in, total] matrix is row r of each part, side by side.
-        let mut fused = Vec::with_capacity(d_in * total);
-        for r in 0..d_in {
-            for (part, &d_out) in parts.iter().zip(d_outs) {
-                fused.extend_from_slice(&part[r * d_out..(r + 1) * d_out]);
+        let fused = if parts.len() == 1 {
+            parts.pop().expect("one part")
+        } else {
+            // Row r of the fused [in, total] matrix is row r of each part, side by side.
+            let mut fused = Vec::with_capacity(d_in * total);
+            for r in 0..d_in {
+                for (part, &d_out) in parts.iter().zip(d_outs) {
+                    fused.extend_from_slice(&part[r * d_out..(r + 1) * d_out]);
+                }
             }
-        }
-        drop(parts);
+            fused
+        };
         Ok(Linear {
             weight: Param::from_tensor(
                 self.quantization

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::DType;
 use clap::{Args, Parser, Subcommand};
 use image::DynamicImage;
-use llava_med::device::{DeviceChoice, parse_dtype, select};
+use llava_med::device::{DeviceChoice, SelectedDevice, parse_dtype, select};
 use llava_med::engine::Engine;
 use llava_med::generate::SamplingParams;
 use llava_med::imaging::dicom::deid;
@@ -48,6 +48,15 @@ struct DeviceArgs {
     /// Weight-only quantisation of the decoder's linear layers: none, int8 or int4.
     #[arg(long, default_value = "none")]
     quant: String,
+}
+
+impl DeviceArgs {
+    /// The device, float type and quantisation these flags ask for.
+    fn select(&self) -> Result<(SelectedDevice, Quantization)> {
+        let choice: DeviceChoice = self.device.parse()?;
+        let dtype = self.dtype.as_deref().map(parse_dtype).transpose()?;
+        Ok((select(choice, dtype)?, self.quant.parse()?))
+    }
 }
 
 #[derive(Args, Clone)]
@@ -438,10 +447,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn load(model: &Path, args: &DeviceArgs) -> Result<Engine> {
-    let choice: DeviceChoice = args.device.parse()?;
-    let dtype = args.dtype.as_deref().map(parse_dtype).transpose()?;
-    let selected = select(choice, dtype)?;
-    let quant: Quantization = args.quant.parse()?;
+    let (selected, quant) = args.select()?;
     tracing::info!(device = %selected.kind, dtype = ?selected.dtype, %quant, "loading {}", model.display());
     Ok(Engine::load_quantized(
         model,
@@ -473,9 +479,7 @@ fn bench(
     options: &llava_med::bench::BenchOptions,
     json: bool,
 ) -> Result<()> {
-    let choice: DeviceChoice = args.device.parse()?;
-    let dtype = args.dtype.as_deref().map(parse_dtype).transpose()?;
-    let selected = select(choice, dtype)?;
+    let (selected, quant) = args.select()?;
     // Room for the longest decode figure, not the model's whole context (a 32k KV cache would dominate
     // the memory figures).
     let longest = llava_med::bench::DECODE_CONTEXTS[2];
@@ -483,7 +487,6 @@ fn bench(
         .context
         .unwrap_or(longest + options.new_tokens + 64)
         .max(options.prompt_tokens + 1);
-    let quant: Quantization = args.quant.parse()?;
     let start = std::time::Instant::now();
     let loaded = match (model, shape) {
         (Some(dir), _) => {

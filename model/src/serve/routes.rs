@@ -245,8 +245,11 @@ async fn chat_inner(st: &AppState, id: &str, req: Request) -> Result<Response, A
         if options.log_prompts {
             tracing::info!(prompt = %template.render(conversation.system.as_deref(), &conversation.turns), "prompt");
         }
-        let positions = ids.len() + slots * engine.model.tokens_per_image().saturating_sub(1);
-        let room = engine.model.lm.max_positions().saturating_sub(positions);
+        let room = engine
+            .model
+            .lm
+            .max_positions()
+            .saturating_sub(engine.prompt_positions(&ids));
         Ok(Prepared {
             work: Work {
                 template,

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::common::fixture;
+use crate::common::{fixture, llava_med_ok};
 
 /// A scratch copy of a fixture model that a test may break.
 struct Scratch(PathBuf);
@@ -164,18 +164,7 @@ fn unreadable_image() {
 #[test]
 fn cli_generate_tokenize_and_logits_work_on_the_fixture() {
     let dir = fixture("tiny-llava-med-mistral");
-    let run = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_llava-med"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let run = |args: &[&str]| String::from_utf8(llava_med_ok(args)).unwrap();
     let d = dir.to_str().unwrap();
     let ids = run(&[
         "tokenize",

@@ -15,6 +15,20 @@ pub fn fixture(name: &str) -> PathBuf {
     }
 }
 
+/// Stdout of a `llava-med` run that must succeed (its stderr in the panic message otherwise).
+pub fn llava_med_ok<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) -> Vec<u8> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llava-med"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// Downloaded test data (`scripts/fetch-test-data.sh`), if present.
 pub fn test_data(name: &str) -> Option<PathBuf> {
     let root = std::env::var_os("LLAVA_MED_TEST_DATA")

@@ -2,6 +2,7 @@
 //! HTTP/1.1 (so malformed bodies, disconnects and slow readers can be produced at will) and through the
 //! real `openai` Python package.
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use crate::common::{fixture, required_test_data, test_data};
+use crate::common::{fixture, llava_med_ok, required_test_data, test_data};
 
 const MODEL: &str = "tiny-llava-med-mistral";
 
@@ -281,26 +282,23 @@ fn chat_body(prompt: &str, image_url: Option<Value>, max_tokens: usize, stream: 
 
 /// `llava-med generate --json` on the same input: the reference answer.
 fn generate_json(prompt: &str, image: &Path, extra: &[&str], max_tokens: usize) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_llava-med"))
-        .args(["generate", "--json", "--device", "cpu", "--model"])
-        .arg(fixture(MODEL))
-        .args([
-            "--prompt",
-            prompt,
-            "--max-new-tokens",
-            &max_tokens.to_string(),
-            "--image",
-        ])
-        .arg(image)
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let max_tokens = max_tokens.to_string();
+    let mut args: Vec<OsString> = ["generate", "--json", "--device", "cpu", "--model"]
+        .map(OsString::from)
+        .to_vec();
+    args.push(fixture(MODEL).into());
+    for a in [
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        &max_tokens,
+        "--image",
+    ] {
+        args.push(a.into());
+    }
+    args.push(image.into());
+    args.extend(extra.iter().map(OsString::from));
+    serde_json::from_slice(&llava_med_ok(args)).unwrap()
 }
 
 /// Text, finish reason and usage of a streamed answer.
@@ -347,13 +345,17 @@ fn answers_equal_generate_streamed_or_not_with_png_and_dicom() {
     assert_eq!(j["usage"]["prompt_tokens"], want["prompt_tokens"]);
     assert_eq!(j["usage"]["completion_tokens"], want["completion_tokens"]);
     // The prompt's positions: its tokens (one of them the image slot) + the image's embeddings.
-    let tokens = Command::new(env!("CARGO_BIN_EXE_llava-med"))
-        .args(["tokenize", "--template", "mistral_instruct", "--model"])
-        .arg(fixture(MODEL))
-        .args(["--prompt", &format!("<image>\n{prompt}")])
-        .output()
-        .unwrap();
-    let ids: Vec<i64> = serde_json::from_slice(&tokens.stdout).unwrap();
+    let model = fixture(MODEL);
+    let tokens = llava_med_ok([
+        "tokenize",
+        "--template",
+        "mistral_instruct",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        &format!("<image>\n{prompt}"),
+    ]);
+    let ids: Vec<i64> = serde_json::from_slice(&tokens).unwrap();
     let per_image = 16; // (56 px / 14 px patches)² in the fixture
     assert_eq!(
         j["usage"]["prompt_tokens"].as_u64().unwrap() as usize,
