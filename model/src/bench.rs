@@ -277,5 +277,10 @@ mod tests {
             assert!(s["median"].as_f64() <= s["max"].as_f64(), "{key}");
         }
         assert_eq!(r["prompt_tokens"], 64);
+        // GPU backends report their allocator's memory (wgpu here when built with it); the CPU does not.
+        match device.memory_pool_usage() {
+            Some(_) => assert!(r["peak_device_mb"].as_f64().unwrap() > 0.0, "{r}"),
+            None => assert!(r["peak_device_mb"].is_null(), "{r}"),
+        }
     }
 }
