@@ -34,7 +34,7 @@ impl Engine {
         Self::load_quantized(dir, device, context, Quantization::None)
     }
 
-    /// [`Engine::load`] with the decoder's linear weights quantised.
+    /// [`Engine::load`] with the weight matrices quantised.
     pub fn load_quantized(
         dir: &Path,
         device: SelectedDevice,

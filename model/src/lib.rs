@@ -7,10 +7,12 @@
 pub mod bench;
 pub mod config;
 pub mod device;
+pub mod embedding;
 pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod imaging;
+pub mod linear;
 pub mod llava;
 pub mod lm;
 pub mod norm;

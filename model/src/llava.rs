@@ -53,7 +53,7 @@ pub struct LlavaModel {
     pub dir: PathBuf,
     /// Float type of the tensors on disk (e.g. `BF16`).
     pub stored_dtype: Option<String>,
-    /// How the decoder's linear weights are stored.
+    /// How the weight matrices are stored.
     pub quantization: Quantization,
 }
 
@@ -99,7 +99,7 @@ impl LlavaModel {
         Self::load_quantized(dir, device, dtype, max_context, Quantization::None)
     }
 
-    /// [`LlavaModel::load`] with the decoder's linear weights quantised.
+    /// [`LlavaModel::load`] with the weight matrices quantised.
     pub fn load_quantized(
         dir: &Path,
         device: &Device,
@@ -142,10 +142,8 @@ impl LlavaModel {
         );
         let n = names(config.layout, linear);
         let context = max_context.unwrap_or(config.max_context).max(1);
-        // Only the decoder's linear layers are quantised (see `quant`).
         let quantization = w.quantization();
         let lm = Decoder::load(&mut w, n.lm, n.head, &config.text, context)?;
-        w.set_quantization(Quantization::None);
         let (vision, vision_weights, mut skipped) = match &config.multimodal {
             None => (None, None, Vec::new()),
             Some(mm) => {
@@ -193,30 +191,30 @@ impl LlavaModel {
         self.lm.dtype()
     }
 
-    /// Number of parameters loaded (decoder, vision tower, projector).
+    /// Number of parameters loaded (decoder, vision tower, projector); a quantised matrix counts its values.
     pub fn num_params(&self) -> (usize, usize, usize) {
-        let (t, p) = self
-            .vision
-            .as_ref()
-            .map_or((0, 0), |v| (v.tower.num_params(), v.projector.num_params()));
-        (self.lm.num_params(), t, p)
+        let (lm, tower, projector) = self.tally();
+        (lm.params, tower.params, projector.params)
     }
 
     /// Bytes the weights take where they live (quantised weights at their stored size, scales included):
     /// decoder, vision tower, projector.
     pub fn weight_bytes(&self) -> (usize, usize, usize) {
-        let bytes = |visit: &dyn Fn(&mut WeightBytes)| {
-            let mut counter = WeightBytes { bytes: 0.0 };
-            visit(&mut counter);
-            counter.bytes as usize
+        let (lm, tower, projector) = self.tally();
+        (lm.bytes, tower.bytes, projector.bytes)
+    }
+
+    fn tally(&self) -> (WeightTally, WeightTally, WeightTally) {
+        let of = |m: &dyn Fn(&mut WeightTally)| {
+            let mut t = WeightTally::default();
+            m(&mut t);
+            t
         };
-        let lm = bytes(&|c| self.lm.visit(c));
-        let (tower, projector) = self.vision.as_ref().map_or((0, 0), |v| {
-            (
-                bytes(&|c| v.tower.visit(c)),
-                bytes(&|c| v.projector.visit(c)),
-            )
-        });
+        let lm = of(&|t| self.lm.visit(t));
+        let (tower, projector) = self.vision.as_ref().map_or_else(
+            || (WeightTally::default(), WeightTally::default()),
+            |v| (of(&|t| v.tower.visit(t)), of(&|t| v.projector.visit(t))),
+        );
         (lm, tower, projector)
     }
 
@@ -347,19 +345,52 @@ impl LlavaModel {
     }
 }
 
-/// Sums the stored size of every float parameter.
-struct WeightBytes {
-    bytes: f64,
+/// Counts parameters (a quantised matrix by the values it stands for) and the bytes they are stored in.
+#[derive(Default)]
+struct WeightTally {
+    params: usize,
+    bytes: usize,
+    /// (field, container type) of the modules entered.
+    path: Vec<(String, String)>,
 }
 
-impl ModuleVisitor for WeightBytes {
+impl WeightTally {
+    /// The field being visited, when it belongs to a quantised matrix.
+    fn quantized_field(&self) -> Option<&str> {
+        self.path
+            .last()
+            .filter(|(_, container)| container == "Struct:QuantizedMatrix")
+            .map(|(field, _)| field.as_str())
+    }
+}
+
+impl ModuleVisitor for WeightTally {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path
+            .push((name.to_string(), container_type.to_string()));
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let t = param.val();
-        let n = t.shape().num_elements() as f64;
-        self.bytes += match t.dtype() {
-            DType::QFloat(scheme) => crate::quant::quantised_bytes(&scheme, n as usize),
-            d => n * d.size() as f64,
-        };
+        let n = t.shape().num_elements();
+        self.bytes += n * t.dtype().size();
+        if self.quantized_field().is_none() {
+            self.params += n;
+        }
+    }
+
+    fn visit_int<const D: usize>(&mut self, param: &Param<Tensor<D, Int>>) {
+        let t = param.val();
+        self.bytes += t.shape().num_elements() * t.dtype().size();
+        if self.quantized_field() == Some("codes") {
+            // `[rows, groups, bits]` codes stand for rows · groups · 32 values.
+            let dims = t.dims();
+            self.params += dims[0] * dims[1] * crate::quant::pack::GROUP;
+        }
     }
 }
 
@@ -394,6 +425,7 @@ fn load_vision(
         };
         let clip = WeightFiles::open_dir(&folder)?;
         let mut cw = clip.loader(w.device(), w.dtype());
+        cw.set_quantization(w.quantization());
         let tower = ClipVisionTower::load(&mut cw, "vision_model", &mm.vision, layers)?;
         let skipped = cw.finish(|_| true)?;
         (tower, VisionWeightsSource::ClipFolder(folder), skipped)

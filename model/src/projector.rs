@@ -1,11 +1,11 @@
 //! The multimodal projector: `linear` or `mlp{N}x_gelu` (linear layers with exact GELU between them).
 
 use burn::module::Module;
-use burn::nn::Linear;
 use burn::tensor::{Tensor, activation};
 
 use crate::config::ProjectorKind;
 use crate::error::Result;
+use crate::linear::Linear;
 use crate::weights::WeightLoader;
 
 /// Maps vision features to the decoder's embedding width.

@@ -3,13 +3,13 @@
 //! `quick_gelu`. Returns the hidden state LLaVA selects (`mm_vision_select_layer`).
 
 use burn::module::{Module, Param};
-use burn::nn::Linear;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Tensor, activation};
 
 use crate::config::{VisionActivation, VisionConfig};
 use crate::error::Result;
+use crate::linear::Linear;
 use crate::norm::LayerNorm;
 use crate::weights::WeightLoader;
 
@@ -92,10 +92,7 @@ impl ClipVisionTower {
             &format!("{prefix}.embeddings.patch_embedding.weight"),
             [d, c, p, p],
         )?;
-        let patch_embedding = Linear {
-            weight: Param::from_tensor(conv.reshape([d, c * p * p]).transpose()),
-            bias: None,
-        };
+        let patch_embedding = Linear::float(conv.reshape([d, c * p * p]).transpose(), None);
         let positions = cfg.num_patches() + 1;
         let mut layers = Vec::with_capacity(layers_used);
         for i in 0..layers_used {

@@ -7,13 +7,14 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use burn::module::Param;
-use burn::nn::{Embedding, Linear};
 use burn::tensor::{DType, Device, Distribution, Tensor, TensorData};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
+use crate::embedding::TokenEmbedding;
 use crate::error::{Error, Result};
-use crate::quant::Quantization;
+use crate::linear::Linear;
+use crate::quant::{Quantization, QuantizedMatrix, pack};
 
 /// One memory-mapped safetensors file with its parsed header.
 struct Shard {
@@ -284,12 +285,13 @@ impl WeightLoader<'_> {
         self.dtype
     }
 
-    /// Quantises the weights of the linear layers loaded from now on (embeddings and norms never).
+    /// Quantises the weight matrices loaded from now on (linear layers and embedding tables; never norms,
+    /// biases or position embeddings).
     pub fn set_quantization(&mut self, quantization: Quantization) {
         self.quantization = quantization;
     }
 
-    /// The quantisation applied to linear layers loaded now.
+    /// The quantisation applied to weight matrices loaded now.
     pub fn quantization(&self) -> Quantization {
         self.quantization
     }
@@ -336,8 +338,8 @@ impl WeightLoader<'_> {
     }
 
     /// Several PyTorch `nn.Linear`s with the same input, fused into one [`Linear`] whose outputs are theirs
-    /// side by side (q, k and v; gate and up): one matrix product instead of several. Weights of linear
-    /// layers are quantised here when the loader is set to.
+    /// side by side (q, k and v; gate and up): one matrix product instead of several. Weights are quantised
+    /// here when the loader is set to and the input width allows.
     pub fn fused_linear(
         &mut self,
         prefixes: &[String],
@@ -346,54 +348,69 @@ impl WeightLoader<'_> {
         bias: bool,
     ) -> Result<Linear> {
         let total: usize = d_outs.iter().sum();
+        let bits = self
+            .quantization
+            .linear_bits()
+            .filter(|_| pack::packable(d_in));
         let Some(files) = self.files else {
             let name = format!("{}.weight", prefixes[0]);
-            return Ok(Linear {
-                weight: Param::from_tensor(
-                    self.quantization.apply(self.made_up(&name, [d_in, total])),
-                ),
-                bias: bias.then(|| Param::from_tensor(self.made_up(".bias", [total]))),
+            let bias = bias.then(|| self.made_up(".bias", [total]));
+            return Ok(match bits {
+                Some(bits) => {
+                    let rows = host_values(self.made_up(&name, [total, d_in]));
+                    Linear::quantized(self.quantized(&rows, total, d_in, bits), bias)
+                }
+                None => Linear::float(self.made_up(&name, [d_in, total]), bias),
             });
         };
-        let mut parts = Vec::with_capacity(prefixes.len());
+        // The parts' [out, in] matrices one after another are the fused [total, in] matrix.
+        let mut rows = Vec::with_capacity(d_in * total);
         let mut biases = Vec::with_capacity(total);
         for (prefix, &d_out) in prefixes.iter().zip(d_outs) {
             let name = format!("{prefix}.weight");
-            let w = files.read_f32(&name, &[d_out, d_in])?;
+            rows.extend(files.read_f32(&name, &[d_out, d_in])?);
             self.used.insert(name);
-            parts.push(transpose(&w, d_out, d_in));
             if bias {
                 let name = format!("{prefix}.bias");
                 biases.extend(files.read_f32(&name, &[d_out])?);
                 self.used.insert(name);
             }
         }
-        let fused = if parts.len() == 1 {
-            parts.pop().expect("one part")
-        } else {
-            // Row r of the fused [in, total] matrix is row r of each part, side by side.
-            let mut fused = Vec::with_capacity(d_in * total);
-            for r in 0..d_in {
-                for (part, &d_out) in parts.iter().zip(d_outs) {
-                    fused.extend_from_slice(&part[r * d_out..(r + 1) * d_out]);
-                }
-            }
-            fused
-        };
-        Ok(Linear {
-            weight: Param::from_tensor(
-                self.quantization
-                    .apply(self.upload(fused, vec![d_in, total])),
+        let bias = bias.then(|| self.upload(biases, vec![total]));
+        Ok(match bits {
+            Some(bits) => Linear::quantized(self.quantized(&rows, total, d_in, bits), bias),
+            None => Linear::float(
+                self.upload(transpose(&rows, total, d_in), vec![d_in, total]),
+                bias,
             ),
-            bias: bias.then(|| Param::from_tensor(self.upload(biases, vec![total]))),
         })
     }
 
-    /// An embedding table `{name}` [n, d].
-    pub fn embedding(&mut self, name: &str, n: usize, d: usize) -> Result<Embedding> {
-        Ok(Embedding {
-            weight: Param::from_tensor(self.tensor(name, [n, d])?),
+    /// An embedding table `{name}` [n, d], quantised when the loader is set to and `d` allows; `tied`: it
+    /// is also the output head.
+    pub fn embedding(
+        &mut self,
+        name: &str,
+        n: usize,
+        d: usize,
+        tied: bool,
+    ) -> Result<TokenEmbedding> {
+        let bits = self
+            .quantization
+            .embedding_bits(tied)
+            .filter(|_| pack::packable(d));
+        let table = self.tensor(name, [n, d])?;
+        Ok(match bits {
+            Some(bits) => {
+                TokenEmbedding::Quantized(self.quantized(&host_values(table), n, d, bits))
+            }
+            None => TokenEmbedding::Float(Param::from_tensor(table)),
         })
+    }
+
+    fn quantized(&self, rows: &[f32], n: usize, d: usize, bits: usize) -> QuantizedMatrix {
+        let packed = pack::quantize(rows, n, d, bits, self.dtype);
+        QuantizedMatrix::upload(packed, &self.device, self.dtype)
     }
 
     fn upload<const D: usize>(&self, values: Vec<f32>, shape: Vec<usize>) -> Tensor<D> {
@@ -441,6 +458,15 @@ impl WeightLoader<'_> {
         }
         Ok(ignored)
     }
+}
+
+/// A tensor's values on the host, as f32.
+fn host_values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.cast(DType::F32)
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 data after conversion")
 }
 
 /// Row-major [rows, cols] → [cols, rows], blocked for cache friendliness.

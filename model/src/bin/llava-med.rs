@@ -45,7 +45,7 @@ struct DeviceArgs {
     /// Context length in tokens (default: the model's).
     #[arg(long)]
     context: Option<usize>,
-    /// Weight-only quantisation of the decoder's linear layers: none, int8 or int4.
+    /// Weight-only quantisation of the weight matrices: none, int8 or int4 (groups of 32, see the README).
     #[arg(long, default_value = "none")]
     quant: String,
 }

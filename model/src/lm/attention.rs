@@ -1,7 +1,6 @@
 //! Grouped-query self-attention with RoPE, the KV cache and an optional sliding window.
 
 use burn::module::Module;
-use burn::nn::Linear;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Int, Tensor};
@@ -10,6 +9,7 @@ use super::kv_cache::KvCache;
 use super::rope::Rope;
 use crate::config::TextConfig;
 use crate::error::Result;
+use crate::linear::Linear;
 use crate::weights::WeightLoader;
 
 /// LLaMA/Mistral attention (no biases).

@@ -1,10 +1,10 @@
 //! SwiGLU feed-forward block: down(silu(gate(x)) · up(x)), with gate and up fused into one projection.
 
 use burn::module::Module;
-use burn::nn::Linear;
 use burn::tensor::{Tensor, activation};
 
 use crate::error::Result;
+use crate::linear::Linear;
 use crate::weights::WeightLoader;
 
 /// LLaMA/Mistral MLP.

@@ -8,11 +8,12 @@ pub mod mlp;
 pub mod rope;
 
 use burn::module::Module;
-use burn::nn::{Embedding, Linear};
 use burn::tensor::{DType, Int, Tensor};
 
 use crate::config::TextConfig;
+use crate::embedding::TokenEmbedding;
 use crate::error::Result;
+use crate::linear::Linear;
 use crate::norm::RmsNorm;
 use crate::weights::WeightLoader;
 use attention::SelfAttention;
@@ -42,7 +43,7 @@ impl DecoderLayer {
 /// The language model.
 #[derive(Module, Debug)]
 pub struct Decoder {
-    embed_tokens: Embedding,
+    embed_tokens: TokenEmbedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     /// `None` when tied to the embedding.
@@ -91,7 +92,12 @@ impl Decoder {
             Some(w.linear(head, d, c.vocab_size, false)?)
         };
         Ok(Self {
-            embed_tokens: w.embedding(&format!("{prefix}.embed_tokens.weight"), c.vocab_size, d)?,
+            embed_tokens: w.embedding(
+                &format!("{prefix}.embed_tokens.weight"),
+                c.vocab_size,
+                d,
+                c.tie_word_embeddings,
+            )?,
             layers,
             norm: RmsNorm::load(w, &format!("{prefix}.norm"), d, c.rms_norm_eps)?,
             lm_head,
@@ -115,7 +121,7 @@ impl Decoder {
 
     /// Float type of the weights.
     pub fn dtype(&self) -> DType {
-        self.embed_tokens.weight.val().dtype()
+        self.embed_tokens.dtype()
     }
 
     /// Longest sequence the RoPE tables cover.
@@ -125,7 +131,7 @@ impl Decoder {
 
     /// An empty KV cache for `capacity` positions (at most [`Decoder::max_positions`]).
     pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
-        let device = self.embed_tokens.weight.val().device();
+        let device = self.embed_tokens.device();
         KvCache::new(
             self.layers.len(),
             batch,
@@ -160,15 +166,7 @@ impl Decoder {
     pub fn logits(&self, h: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
             Some(head) => head.forward(h),
-            // W·hᵀ then transpose the (small) result: transposing the [vocab, hidden] table instead would
-            // materialise a copy of it on every call.
-            None => self
-                .embed_tokens
-                .weight
-                .val()
-                .unsqueeze::<3>()
-                .matmul(h.swap_dims(1, 2))
-                .swap_dims(1, 2),
+            None => self.embed_tokens.project(h),
         }
     }
 }

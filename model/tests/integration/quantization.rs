@@ -10,7 +10,7 @@ use llava_med::device::{DeviceChoice, SelectedDevice};
 use llava_med::engine::Engine;
 use llava_med::generate::{SamplingParams, argmax};
 use llava_med::imaging::load_image;
-use llava_med::quant::Quantization;
+use llava_med::quant::{Quantization, footprint};
 
 use crate::common::{fixture, required_test_data, to_vec};
 
@@ -30,6 +30,8 @@ struct Agreement {
     total: usize,
     /// Largest |quantised − full| logit on the compared positions, relative to the largest |full| logit.
     max_rel_logit_error: f32,
+    /// Where the quantised model picked another token: the full model's lead of its token over that one.
+    miss_margins: Vec<f32>,
 }
 
 /// Teacher-forced agreement of `quant` with full precision over `n` greedy tokens per prompt.
@@ -40,6 +42,7 @@ fn agreement(dir: &Path, prompts: &[Prompt], n: usize, quant: Quantization) -> A
         agreed: 0,
         total: 0,
         max_rel_logit_error: 0.0,
+        miss_margins: Vec::new(),
     };
     for &(question, with_image) in prompts {
         let images: Vec<_> = if with_image {
@@ -83,7 +86,12 @@ fn agreement(dir: &Path, prompts: &[Prompt], n: usize, quant: Quantization) -> A
                 token,
                 "full precision reproduces its own answer"
             );
-            out.agreed += usize::from(argmax(rq) == token);
+            let picked = argmax(rq);
+            out.agreed += usize::from(picked == token);
+            if picked != token {
+                out.miss_margins
+                    .push(rf[token as usize] - rf[picked as usize]);
+            }
             out.total += 1;
             let scale = rf.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
             let err = rf
@@ -100,11 +108,13 @@ fn agreement(dir: &Path, prompts: &[Prompt], n: usize, quant: Quantization) -> A
 fn report(name: &str, quant: Quantization, a: &Agreement) -> f64 {
     let rate = a.agreed as f64 / a.total as f64;
     eprintln!(
-        "quantisation {name} {quant}: greedy-token agreement {}/{} = {:.1} %, max relative logit error {:.4}",
+        "quantisation {name} {quant}: greedy-token agreement {}/{} = {:.1} %, max relative logit error {:.4}, \
+         full-precision lead at the misses {:?}",
         a.agreed,
         a.total,
         rate * 100.0,
-        a.max_rel_logit_error
+        a.max_rel_logit_error,
+        a.miss_margins
     );
     rate
 }
@@ -114,11 +124,16 @@ fn smollm2_quantised_keeps_its_greedy_tokens() {
     let Some(dir) = required_test_data("smollm2-135m-instruct") else {
         return;
     };
-    let prompts: [Prompt; 4] = [
+    // Eight prompts (about 170 teacher-forced tokens): with four, a single near-tie decided the rate.
+    let prompts: [Prompt; 8] = [
         ("What is the capital of France?", false),
         ("Name three organs of the human body.", false),
         ("Explain what an X-ray is in one sentence.", false),
         ("Write a haiku about the sea.", false),
+        ("What does a radiologist do?", false),
+        ("List two symptoms of pneumonia.", false),
+        ("Why do bones show up white on an X-ray?", false),
+        ("Give me a tip for a healthy breakfast.", false),
     ];
     let int8 = report(
         "SmolLM2",
@@ -130,10 +145,12 @@ fn smollm2_quantised_keeps_its_greedy_tokens() {
         Quantization::Int4,
         &agreement(&dir, &prompts, 32, Quantization::Int4),
     );
-    // Measured: int8 98.8 %, int4 69 % (the issue's goals are 99 % and 95 %; see BENCHMARKS.md). These
-    // bounds catch a broken quantiser (a wrong block layout or scale gives well under half).
+    // Measured 98.1 % (int8) and 99.0 % (int4), the misses all where the full model's lead is under 0.1
+    // logit. SmolLM2's linear weights come from a Q4_1 GGUF, already on a grid of groups of 32 with their
+    // own step and minimum, which the 4-bit format nearly reproduces while 8 bits re-rounds them; the
+    // issue's 99 % for int8 is not met (BENCHMARKS.md).
     assert!(int8 >= 0.97, "int8 agreement {int8}");
-    assert!(int4 >= 0.6, "int4 agreement {int4}");
+    assert!(int4 >= 0.95, "int4 agreement {int4}");
 }
 
 #[test]
@@ -158,62 +175,86 @@ fn fixture_models_quantised_keep_their_greedy_tokens() {
         );
         rates.push((name, int8, int4));
     }
-    // Random tiny models have nearly tied logits, the hardest case for rounding; measured bounds as above.
+    // Random tiny models have nearly tied logits, the hardest case for rounding, and here every matrix,
+    // vision tower included, is quantised. Measured: int8 97.2 % / 98.6 %, int4 56.9 % / 72.2 %.
     for (name, int8, int4) in rates {
         assert!(int8 >= 0.95, "{name}: int8 agreement {int8}");
         assert!(int4 >= 0.4, "{name}: int4 agreement {int4}");
     }
 }
 
-/// Bytes a model of `config` takes with the decoder's linear layers at `bits` per weight and everything
-/// else in f16: what `weight_bytes` must report.
-fn expected_bytes(
-    lm: usize,
-    vision: usize,
-    projector: usize,
-    hidden: usize,
-    vocab: usize,
-    layers: usize,
-    bits: f64,
-) -> f64 {
-    let floats = vocab * hidden + (2 * layers + 1) * hidden;
-    (lm - floats) as f64 * bits / 8.0 + (floats + vision + projector) as f64 * 2.0
-}
-
 #[test]
 fn quantisation_cuts_the_weight_memory() {
-    // The `base` shape in f16 with random weights, measured; the fractions for 7B follow from the same
-    // accounting (BENCHMARKS.md).
+    // The `base` shape in f16 with random weights, measured, must match the accounting from the shape
+    // alone (`quant::footprint`), which then gives the 7B figures without allocating 15 GB.
     let config = llava_med::bench::shape_config("base").unwrap();
-    let t = &config.text;
     let device = Device::flex();
-    for (q, bits) in [
-        (Quantization::None, 16.0),
-        (Quantization::Int8, 8.0 + 32.0 / 128.0),
-        (Quantization::Int4, 4.0 + 32.0 / 32.0),
-    ] {
+    let mut full = 0.0;
+    for q in [Quantization::None, Quantization::Int8, Quantization::Int4] {
         let m = llava_med::LlavaModel::random(config.clone(), &device, DType::F16, Some(64), q)
             .unwrap();
-        let (lm, vision, projector) = m.num_params();
-        let (a, b, c) = m.weight_bytes();
-        let got = (a + b + c) as f64;
-        let want = expected_bytes(
-            lm,
-            vision,
-            projector,
-            t.hidden_size,
-            t.vocab_size,
-            t.num_layers,
-            bits,
-        );
+        let got = m.weight_bytes();
+        assert_eq!(got, footprint::weight_bytes(&config, 2, q), "{q}");
+        if q == Quantization::None {
+            let (a, b, c) = m.num_params();
+            assert_eq!(got, (2 * a, 2 * b, 2 * c));
+        } else {
+            // The values a quantised model stands for are the same parameters.
+            let none = llava_med::LlavaModel::random(
+                config.clone(),
+                &device,
+                DType::F16,
+                Some(64),
+                Quantization::None,
+            )
+            .unwrap();
+            assert_eq!(m.num_params(), none.num_params(), "{q}");
+        }
+        let total = (got.0 + got.1 + got.2) as f64;
+        if q == Quantization::None {
+            full = total;
+        }
         eprintln!(
-            "weight memory, base shape, {q}: {:.1} MB (expected {:.1} MB)",
-            got / 1e6,
-            want / 1e6
+            "weight memory, base shape, {q}: {:.1} MB ({:.1} %)",
+            total / 1e6,
+            100.0 * total / full
         );
+        let goal = match q {
+            Quantization::None => 1.0,
+            Quantization::Int8 => 0.55,
+            Quantization::Int4 => 0.30,
+        };
+        assert!(total / full <= goal, "{q}: {:.3} of f16", total / full);
+    }
+}
+
+/// The same quantised fixture on wgpu (lavapipe here) and on the CPU: the shifts and masks that unpack the
+/// codes must mean the same on both (WGSL has no 8-bit integers, hence the 32-bit words).
+#[cfg(feature = "wgpu")]
+#[test]
+fn quantised_model_runs_the_same_on_wgpu() {
+    let dir = fixture("tiny-llava-hf-llama");
+    let ids: Vec<i64> = vec![1, llava_med::IMAGE_SLOT, 22, 57, 301, 9, 144];
+    let logits = |device: &Device, quant: Quantization| {
+        let m = llava_med::LlavaModel::load_quantized(&dir, device, DType::F32, Some(64), quant)
+            .unwrap();
+        let pixels = burn::tensor::Tensor::<4>::ones([1, 3, 56, 56], device) * 0.25;
+        let feats = m.encode_images(pixels).unwrap();
+        let mut cache = m.new_cache();
+        let embeds = m.embed_sequence(&ids, Some(&feats)).unwrap();
+        to_vec(m.forward(embeds, &mut cache).unwrap())
+    };
+    let gpu = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+    for quant in [Quantization::Int8, Quantization::Int4] {
+        let (a, b) = (logits(&Device::flex(), quant), logits(&gpu, quant));
+        let scale = a.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let err = a
+            .iter()
+            .zip(&b)
+            .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
         assert!(
-            (got - want).abs() / want < 0.005,
-            "{q}: {got} bytes, expected {want}"
+            err <= 1e-3 * scale,
+            "{quant}: wgpu vs CPU max error {err} (scale {scale})"
         );
     }
 }

@@ -1,0 +1,235 @@
+//! The packed matrix product on Burn's CPU backend (Flex), as a backend extension: decoding multiplies one
+//! row by each weight matrix, and unpacking the whole matrix with generic tensor ops first (a dozen passes
+//! over it) made that 50× slower than f32. Here each group's codes are unpacked into registers and used at
+//! once; longer inputs (prefill) dequantise the matrix in one threaded pass and use Flex's matrix product.
+
+use std::borrow::Cow;
+
+use burn::backend::ops::FloatTensorOps;
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{Dispatch, Flex, backend_extension};
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use rayon::prelude::*;
+
+use super::pack::GROUP;
+
+/// Inputs of at most this many rows take the fused path; longer ones dequantise then multiply.
+pub const FUSED_MAX_ROWS: usize = 8;
+
+/// `x · Wᵀ` for a packed `W`.
+#[backend_extension(Flex)]
+pub trait PackedMatmul: burn::backend::Backend {
+    /// `x` `[m, k]` times the transpose of the packed `[n, k]` matrix: `[m, n]`. All f32.
+    fn packed_matmul(
+        x: FloatTensor<Self>,
+        codes: IntTensor<Self>,
+        group_params: IntTensor<Self>,
+        supers: FloatTensor<Self>,
+        bits: usize,
+        groups_per_super: usize,
+    ) -> FloatTensor<Self>;
+}
+
+/// `x` `[m, k]` times the transpose of the packed matrix given by its parts (f32, on the CPU backend).
+pub fn packed_matmul(
+    x: Tensor<2>,
+    codes: Tensor<3, Int>,
+    group_params: Tensor<2, Int>,
+    supers: Tensor<3>,
+    bits: usize,
+    groups_per_super: usize,
+) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as PackedMatmul>::packed_matmul(
+        x.into_dispatch(),
+        codes.into_dispatch(),
+        group_params.into_dispatch(),
+        supers.into_dispatch(),
+        bits,
+        groups_per_super,
+    ))
+}
+
+/// A tensor's values in row-major order, borrowed when they already are.
+fn values<E: burn::tensor::Element + bytemuck::Pod>(t: &FloatTensor<Flex>) -> Cow<'_, [E]> {
+    match t.layout().contiguous_offsets() {
+        Some((start, end)) => Cow::Borrowed(&t.storage::<E>()[start..end]),
+        None => Cow::Owned(t.to_contiguous().storage::<E>().to_vec()),
+    }
+}
+
+impl PackedMatmul for Flex {
+    fn packed_matmul(
+        x: FloatTensor<Self>,
+        codes: IntTensor<Self>,
+        group_params: IntTensor<Self>,
+        supers: FloatTensor<Self>,
+        bits: usize,
+        groups_per_super: usize,
+    ) -> FloatTensor<Self> {
+        let dims = |t: &FloatTensor<Self>| t.layout().shape().to_vec();
+        let (xd, cd) = (dims(&x), dims(&codes));
+        let (m, k, n) = (xd[0], xd[1], cd[0]);
+        let w = Packing {
+            codes: &values::<i32>(&codes),
+            params: &values::<i32>(&group_params),
+            supers: &values::<f32>(&supers),
+            k,
+            bits,
+            groups_per_super,
+        };
+        if m <= FUSED_MAX_ROWS {
+            let out = w.matmul_t(&values::<f32>(&x), m, n);
+            return FloatTensor::<Self>::from_data(TensorData::new(out, [m, n]));
+        }
+        let dense = FloatTensor::<Self>::from_data(TensorData::new(w.dequantize(n), [n, k]));
+        Self::float_matmul(x, Self::float_transpose(dense))
+    }
+}
+
+/// A packed `[n, k]` matrix's host slices (layout in [`super::pack`]).
+struct Packing<'a> {
+    codes: &'a [i32],
+    params: &'a [i32],
+    supers: &'a [f32],
+    k: usize,
+    bits: usize,
+    groups_per_super: usize,
+}
+
+impl Packing<'_> {
+    /// Row `o`'s group `g`: its scale and minimum, and its 32 codes into `q`. `BITS` is a constant so
+    /// the unpacking unrolls into vector shifts.
+    #[inline(always)]
+    fn group<const BITS: usize>(&self, o: usize, g: usize, q: &mut [f32; GROUP]) -> (f32, f32) {
+        let groups = self.k / GROUP;
+        let pw = groups.div_ceil(2);
+        let sb = o * (groups / self.groups_per_super) + g / self.groups_per_super;
+        let (big_s, big_m) = (self.supers[2 * sb], self.supers[2 * sb + 1]);
+        let p = (self.params[o * pw + g / 2] as u32 >> (16 * (g % 2))) & 0xffff;
+        let scale = (p & 0xff) as f32 * (big_s / 255.0);
+        let min = ((p >> 8) as f32 - 128.0) * (big_m / 127.0);
+        let words = &self.codes[(o * groups + g) * BITS..][..BITS];
+        let per_word = 32 / BITS;
+        let mask = (1u32 << BITS) - 1;
+        for (w, &word) in words.iter().enumerate() {
+            for i in 0..per_word {
+                q[w * per_word + i] = ((word as u32 >> (i * BITS)) & mask) as f32;
+            }
+        }
+        (scale, min)
+    }
+
+    /// `x` `[m, k]` · `Wᵀ` → `[m, n]`: per group, Σ w·x = scale · Σ q·x + min · Σ x.
+    fn matmul_t(&self, x: &[f32], m: usize, n: usize) -> Vec<f32> {
+        match self.bits {
+            4 => self.matmul_t_bits::<4>(x, m, n),
+            _ => self.matmul_t_bits::<8>(x, m, n),
+        }
+    }
+
+    fn matmul_t_bits<const BITS: usize>(&self, x: &[f32], m: usize, n: usize) -> Vec<f32> {
+        let groups = self.k / GROUP;
+        let x_sums: Vec<f32> = x.chunks(GROUP).map(|c| c.iter().sum()).collect();
+        // Output channels in parallel, each row of the result `[n, m]` for one channel.
+        let mut out_t = vec![0.0f32; n * m];
+        out_t.par_chunks_mut(m).enumerate().for_each(|(o, acc)| {
+            let mut q = [0.0f32; GROUP];
+            for g in 0..groups {
+                let (scale, min) = self.group::<BITS>(o, g, &mut q);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xs = &x[r * self.k + g * GROUP..][..GROUP];
+                    *a += scale * dot32(&q, xs) + min * x_sums[r * groups + g];
+                }
+            }
+        });
+        let mut out = vec![0.0f32; m * n];
+        for (o, row) in out_t.chunks(m).enumerate() {
+            for (r, &v) in row.iter().enumerate() {
+                out[r * n + o] = v;
+            }
+        }
+        out
+    }
+
+    /// The whole matrix, `[n, k]` row-major.
+    fn dequantize(&self, n: usize) -> Vec<f32> {
+        match self.bits {
+            4 => self.dequantize_bits::<4>(n),
+            _ => self.dequantize_bits::<8>(n),
+        }
+    }
+
+    fn dequantize_bits<const BITS: usize>(&self, n: usize) -> Vec<f32> {
+        let mut out = vec![0.0f32; n * self.k];
+        out.par_chunks_mut(self.k).enumerate().for_each(|(o, row)| {
+            let mut q = [0.0f32; GROUP];
+            for (g, dst) in row.chunks_mut(GROUP).enumerate() {
+                let (scale, min) = self.group::<BITS>(o, g, &mut q);
+                for (d, &c) in dst.iter_mut().zip(&q) {
+                    *d = c * scale + min;
+                }
+            }
+        });
+        out
+    }
+}
+
+/// Σ a·b over 32 values in 8 independent lanes (a single running sum would pin the additions in order
+/// and keep the compiler from vectorising).
+#[inline(always)]
+fn dot32(a: &[f32; GROUP], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    for (ca, cb) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        for l in 0..8 {
+            lanes[l] += ca[l] * cb[l];
+        }
+    }
+    lanes.iter().sum()
+}
+
+/// Whether `x` can take [`packed_matmul`]: f32 on the CPU backend.
+pub fn applies(x: &Tensor<2>) -> bool {
+    x.dtype() == DType::F32 && x.device() == burn::tensor::Device::flex()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::QuantizedMatrix;
+    use super::super::pack::quantize;
+    use burn::tensor::{Device, Distribution};
+
+    use super::*;
+
+    #[test]
+    fn fused_and_dequantising_paths_match_unpacking_then_multiplying() {
+        let device = Device::flex();
+        let (n, k) = (48, 96);
+        let w = Tensor::<2>::random([n, k], Distribution::Normal(0.0, 0.02), &device);
+        let w: Vec<f32> = w.into_data().try_to_vec().unwrap();
+        for bits in [4, 8] {
+            let m =
+                QuantizedMatrix::upload(quantize(&w, n, k, bits, DType::F32), &device, DType::F32);
+            // 1 and 3 rows take the fused path, 20 the dequantise-then-multiply one.
+            for rows in [1, 3, 20] {
+                let x = Tensor::<2>::random([rows, k], Distribution::Normal(0.0, 1.0), &device);
+                assert!(applies(&x));
+                let want: Vec<f32> = x
+                    .clone()
+                    .matmul(m.dequantize().transpose())
+                    .into_data()
+                    .try_to_vec()
+                    .unwrap();
+                let got = m.matmul_t(x);
+                assert_eq!(got.dims(), [rows, n]);
+                let got: Vec<f32> = got.into_data().try_to_vec().unwrap();
+                let scale = want.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+                for (a, b) in got.iter().zip(&want) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * scale,
+                        "{bits} bits, {rows} rows: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+}

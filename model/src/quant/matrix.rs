@@ -1,0 +1,223 @@
+//! A [`Packed`] matrix on the device, unpacked with generic tensor ops (shifts, masks, a multiply-add), so
+//! the same code runs on every backend; matrix products dequantise a slab of rows at a time so the float
+//! copy of a large matrix never exists whole.
+
+use burn::module::{Module, Param, ParamId};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+
+use super::pack::{GROUP, Packed};
+
+/// Most values a matrix product dequantises at once (64 MiB in f32).
+pub const SLAB_VALUES: usize = 1 << 24;
+
+/// A `[rows, cols]` matrix stored in the packed format (see [`super::pack`]).
+#[derive(Module, Debug)]
+pub struct QuantizedMatrix {
+    /// `[rows, groups, bits]`: a group's 32 codes take `bits` words, so the shape tells the value count.
+    codes: Param<Tensor<3, Int>>,
+    group_params: Param<Tensor<2, Int>>,
+    supers: Param<Tensor<3>>,
+    rows: usize,
+    cols: usize,
+    bits: usize,
+    groups_per_super: usize,
+}
+
+impl QuantizedMatrix {
+    /// Uploads a packed matrix; the super-block maxima are stored in `dtype`, the float type the
+    /// dequantised values come back in.
+    pub fn upload(p: Packed, device: &Device, dtype: DType) -> Self {
+        let groups = p.cols / GROUP;
+        let words = |v: Vec<i32>, shape: Vec<usize>| TensorData::new(v, shape);
+        let supers = TensorData::new(p.supers, [p.rows, groups / p.groups_per_super, 2]);
+        Self {
+            codes: Param::initialized(
+                ParamId::new(),
+                Tensor::<3, Int>::from_data(
+                    words(p.codes, vec![p.rows, groups, p.bits]),
+                    (device, DType::I32),
+                ),
+            ),
+            group_params: Param::initialized(
+                ParamId::new(),
+                Tensor::<2, Int>::from_data(
+                    words(p.group_params, vec![p.rows, groups.div_ceil(2)]),
+                    (device, DType::I32),
+                ),
+            ),
+            supers: Param::from_tensor(Tensor::<3>::from_data(supers, device).cast(dtype)),
+            rows: p.rows,
+            cols: p.cols,
+            bits: p.bits,
+            groups_per_super: p.groups_per_super,
+        }
+    }
+
+    /// `[rows, cols]`.
+    pub fn dims(&self) -> [usize; 2] {
+        [self.rows, self.cols]
+    }
+
+    /// Bits per stored code.
+    pub fn bits(&self) -> usize {
+        self.bits
+    }
+
+    /// The float type values are dequantised to.
+    pub fn dtype(&self) -> DType {
+        self.supers.val().dtype()
+    }
+
+    /// The device the matrix lives on.
+    pub fn device(&self) -> Device {
+        self.codes.val().device()
+    }
+
+    /// The whole matrix in its float type, `[rows, cols]`.
+    pub fn dequantize(&self) -> Tensor<2> {
+        self.unpack(self.codes.val(), self.group_params.val(), self.supers.val())
+    }
+
+    /// The rows `ids` (`[n]`) in the float type, `[n, cols]`: an embedding lookup.
+    pub fn select_rows(&self, ids: Tensor<1, Int>) -> Tensor<2> {
+        self.unpack(
+            self.codes.val().select(0, ids.clone()),
+            self.group_params.val().select(0, ids.clone()),
+            self.supers.val().select(0, ids),
+        )
+    }
+
+    /// `x` `[m, cols]` times the transpose of the matrix: `[m, rows]`, a slab of rows at a time (on the CPU
+    /// backend in f32, through the packed-weight kernel instead of unpacking with tensor ops).
+    pub fn matmul_t(&self, x: Tensor<2>) -> Tensor<2> {
+        #[cfg(feature = "cpu")]
+        if super::cpu::applies(&x) && self.dtype() == DType::F32 {
+            // The fused path never materialises the matrix: one call for all of it.
+            let step = if x.dims()[0] <= super::cpu::FUSED_MAX_ROWS {
+                self.rows
+            } else {
+                (SLAB_VALUES / self.cols).max(1)
+            };
+            let outs: Vec<Tensor<2>> = (0..self.rows)
+                .step_by(step)
+                .map(|r0| {
+                    let n = step.min(self.rows - r0);
+                    super::cpu::packed_matmul(
+                        x.clone(),
+                        self.codes.val().narrow(0, r0, n),
+                        self.group_params.val().narrow(0, r0, n),
+                        self.supers.val().narrow(0, r0, n),
+                        self.bits,
+                        self.groups_per_super,
+                    )
+                })
+                .collect();
+            return Tensor::cat(outs, 1);
+        }
+        let outs: Vec<Tensor<2>> = self
+            .slabs(SLAB_VALUES)
+            .map(|w| x.clone().matmul(w.transpose()))
+            .collect();
+        Tensor::cat(outs, 1)
+    }
+
+    /// Consecutive row ranges of at most `max_values` values (at least one row), each dequantised,
+    /// `[rows in slab, cols]`.
+    pub fn slabs(&self, max_values: usize) -> impl Iterator<Item = Tensor<2>> + '_ {
+        let step = (max_values / self.cols).max(1);
+        (0..self.rows).step_by(step).map(move |r0| {
+            let n = step.min(self.rows - r0);
+            self.unpack(
+                self.codes.val().narrow(0, r0, n),
+                self.group_params.val().narrow(0, r0, n),
+                self.supers.val().narrow(0, r0, n),
+            )
+        })
+    }
+
+    fn unpack(
+        &self,
+        codes: Tensor<3, Int>,
+        group_params: Tensor<2, Int>,
+        supers: Tensor<3>,
+    ) -> Tensor<2> {
+        let dtype = supers.dtype();
+        let rows = codes.dims()[0];
+        let groups = self.cols / GROUP;
+        let supers_per_row = groups / self.groups_per_super;
+        let q = fields(codes.reshape([rows, groups * self.bits]), self.bits)
+            .reshape([rows, groups, GROUP]);
+        // Two groups per word, each a (scale code, minimum code + 128) byte pair.
+        let params = fields(group_params, 8)
+            .reshape([rows, groups.div_ceil(2) * 2, 2])
+            .narrow(1, 0, groups);
+        let per_super = |t: Tensor<3>| t.reshape([rows, supers_per_row, self.groups_per_super]);
+        let supers = supers.cast(DType::F32);
+        let scale =
+            per_super(params.clone().narrow(2, 0, 1)) * (supers.clone().narrow(2, 0, 1) / 255.0);
+        let min = (per_super(params.narrow(2, 1, 1)) - 128.0) * (supers.narrow(2, 1, 1) / 127.0);
+        let scale = scale.reshape([rows, groups, 1]);
+        let min = min.reshape([rows, groups, 1]);
+        (q * scale + min).reshape([rows, self.cols]).cast(dtype)
+    }
+}
+
+/// The `bits`-wide fields of `[rows, words]` 32-bit words, lowest first, as f32 `[rows, words, 32 / bits]`.
+fn fields(words: Tensor<2, Int>, bits: usize) -> Tensor<3> {
+    let mask = (1i64 << bits) - 1;
+    let parts: Vec<Tensor<2, Int>> = (0..32 / bits)
+        .map(|j| {
+            words
+                .clone()
+                .bitwise_right_shift_scalar((j * bits) as i64)
+                .bitwise_and_scalar(mask)
+        })
+        .collect();
+    Tensor::stack::<3>(parts, 2).float().cast(DType::F32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::pack::quantize;
+    use super::*;
+    use burn::tensor::Distribution;
+
+    fn host(t: Tensor<2>) -> Vec<f32> {
+        t.cast(DType::F32)
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec()
+            .unwrap()
+    }
+
+    /// Largest difference, relative to the largest value (a fused multiply-add may round differently).
+    fn close(a: &[f32], b: &[f32]) -> bool {
+        let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-6 * scale)
+    }
+
+    #[test]
+    fn device_unpacking_matches_the_host_reference() {
+        let device = Device::default();
+        let (rows, cols) = (40, 96);
+        let w = Tensor::<2>::random([rows, cols], Distribution::Normal(0.0, 0.02), &device);
+        let values = host(w);
+        for bits in [4, 8] {
+            let packed = quantize(&values, rows, cols, bits, DType::F32);
+            let want = packed.dequantize();
+            let m = QuantizedMatrix::upload(packed, &device, DType::F32);
+            assert!(close(&host(m.dequantize()), &want), "{bits} bits");
+            let ids = Tensor::<1, Int>::from_data([5, 0, 39], &device);
+            let picked = host(m.select_rows(ids));
+            for (i, r) in [5, 0, 39].into_iter().enumerate() {
+                assert!(close(
+                    &picked[i * cols..(i + 1) * cols],
+                    &want[r * cols..(r + 1) * cols]
+                ));
+            }
+            assert_eq!(m.slabs(cols * 7).count(), 6);
+            let slabs: Vec<f32> = m.slabs(cols * 7).flat_map(host).collect();
+            assert!(close(&slabs, &want));
+        }
+    }
+}
