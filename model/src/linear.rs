@@ -38,11 +38,6 @@ impl Linear {
         }
     }
 
-    /// The weight, quantised or not.
-    pub fn weight(&self) -> &LinearWeight {
-        &self.weight
-    }
-
     /// `[.., in]` → `[.., out]`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let bias = || self.bias.as_ref().map(Param::val);

@@ -357,7 +357,7 @@ impl WeightLoader<'_> {
             let bias = bias.then(|| self.made_up(".bias", [total]));
             return Ok(match bits {
                 Some(bits) => {
-                    let rows = host_values(self.made_up(&name, [total, d_in]));
+                    let rows = self.host_tensor(&name, [total, d_in])?;
                     Linear::quantized(self.quantized(&rows, total, d_in, bits), bias)
                 }
                 None => Linear::float(self.made_up(&name, [d_in, total]), bias),
@@ -399,13 +399,24 @@ impl WeightLoader<'_> {
             .quantization
             .embedding_bits(tied)
             .filter(|_| pack::packable(d));
-        let table = self.tensor(name, [n, d])?;
         Ok(match bits {
+            // Quantised from the host values: never uploaded in f32 first.
             Some(bits) => {
-                TokenEmbedding::Quantized(self.quantized(&host_values(table), n, d, bits))
+                let rows = self.host_tensor(name, [n, d])?;
+                TokenEmbedding::Quantized(self.quantized(&rows, n, d, bits))
             }
-            None => TokenEmbedding::Float(Param::from_tensor(table)),
+            None => TokenEmbedding::Float(Param::from_tensor(self.tensor(name, [n, d])?)),
         })
+    }
+
+    /// A tensor of exactly `shape`, as f32 values on the host (what the quantiser takes).
+    fn host_tensor(&mut self, name: &str, shape: [usize; 2]) -> Result<Vec<f32>> {
+        let Some(files) = self.files else {
+            return Ok(host_values(self.made_up(name, shape)));
+        };
+        let values = files.read_f32(name, &shape)?;
+        self.used.insert(name.to_string());
+        Ok(values)
     }
 
     fn quantized(&self, rows: &[f32], n: usize, d: usize, bits: usize) -> QuantizedMatrix {

@@ -10,6 +10,9 @@ use super::pack::{GROUP, Packed};
 /// Most values a matrix product dequantises at once (64 MiB in f32).
 pub const SLAB_VALUES: usize = 1 << 24;
 
+/// Codes, group parameters and super-block maxima of some rows of a [`QuantizedMatrix`].
+type Parts = (Tensor<3, Int>, Tensor<2, Int>, Tensor<3>);
+
 /// A `[rows, cols]` matrix stored in the packed format (see [`super::pack`]).
 #[derive(Module, Debug)]
 pub struct QuantizedMatrix {
@@ -93,20 +96,19 @@ impl QuantizedMatrix {
         #[cfg(feature = "cpu")]
         if super::cpu::applies(&x) && self.dtype() == DType::F32 {
             // The fused path never materialises the matrix: one call for all of it.
-            let step = if x.dims()[0] <= super::cpu::FUSED_MAX_ROWS {
-                self.rows
+            let max_values = if x.dims()[0] <= super::cpu::FUSED_MAX_ROWS {
+                usize::MAX
             } else {
-                (SLAB_VALUES / self.cols).max(1)
+                SLAB_VALUES
             };
-            let outs: Vec<Tensor<2>> = (0..self.rows)
-                .step_by(step)
-                .map(|r0| {
-                    let n = step.min(self.rows - r0);
+            let outs: Vec<Tensor<2>> = self
+                .row_ranges(max_values)
+                .map(|(codes, group_params, supers)| {
                     super::cpu::packed_matmul(
                         x.clone(),
-                        self.codes.val().narrow(0, r0, n),
-                        self.group_params.val().narrow(0, r0, n),
-                        self.supers.val().narrow(0, r0, n),
+                        codes,
+                        group_params,
+                        supers,
                         self.bits,
                         self.groups_per_super,
                     )
@@ -124,10 +126,16 @@ impl QuantizedMatrix {
     /// Consecutive row ranges of at most `max_values` values (at least one row), each dequantised,
     /// `[rows in slab, cols]`.
     pub fn slabs(&self, max_values: usize) -> impl Iterator<Item = Tensor<2>> + '_ {
+        self.row_ranges(max_values)
+            .map(|(codes, group_params, supers)| self.unpack(codes, group_params, supers))
+    }
+
+    /// The stored parts of consecutive row ranges of at most `max_values` values (at least one row).
+    fn row_ranges(&self, max_values: usize) -> impl Iterator<Item = Parts> + '_ {
         let step = (max_values / self.cols).max(1);
         (0..self.rows).step_by(step).map(move |r0| {
             let n = step.min(self.rows - r0);
-            self.unpack(
+            (
                 self.codes.val().narrow(0, r0, n),
                 self.group_params.val().narrow(0, r0, n),
                 self.supers.val().narrow(0, r0, n),

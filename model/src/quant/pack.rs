@@ -221,24 +221,25 @@ fn fit_group(values: &[f32], levels: f32) -> (f32, f32) {
 
 /// The smallest value representable in `dtype` that is at least `x` (x ≥ 0).
 fn round_up(x: f32, dtype: DType) -> f32 {
-    match dtype {
-        DType::F16 => {
-            let h = half::f16::from_f32(x);
-            if h.to_f32() >= x || !h.is_finite() {
-                h.to_f32()
-            } else {
-                half::f16::from_bits(h.to_bits() + 1).to_f32()
-            }
-        }
-        DType::BF16 => {
-            let h = half::bf16::from_f32(x);
-            if h.to_f32() >= x || !h.is_finite() {
-                h.to_f32()
-            } else {
-                half::bf16::from_bits(h.to_bits() + 1).to_f32()
-            }
-        }
-        _ => x,
+    // Both 16-bit types: the next value up from a positive one is the next bit pattern.
+    type Conversions = (fn(f32) -> u16, fn(u16) -> f32);
+    let (to_bits, from_bits): Conversions = match dtype {
+        DType::F16 => (
+            |v| half::f16::from_f32(v).to_bits(),
+            |b| half::f16::from_bits(b).to_f32(),
+        ),
+        DType::BF16 => (
+            |v| half::bf16::from_f32(v).to_bits(),
+            |b| half::bf16::from_bits(b).to_f32(),
+        ),
+        _ => return x,
+    };
+    let bits = to_bits(x);
+    let nearest = from_bits(bits);
+    if nearest >= x || !nearest.is_finite() {
+        nearest
+    } else {
+        from_bits(bits + 1)
     }
 }
 
@@ -340,6 +341,18 @@ mod tests {
                 assert!((a - b).abs() < 0.05, "{bits} bits: {a} vs {b}");
             }
         }
+    }
+
+    #[test]
+    fn maxima_round_up_to_the_stored_type() {
+        // 1 + 2⁻¹² lies between two f16 values (step 2⁻¹⁰) and two bf16 values (step 2⁻⁷).
+        let x = 1.0 + 2f32.powi(-12);
+        assert_eq!(round_up(x, DType::F16), 1.0 + 2f32.powi(-10));
+        assert_eq!(round_up(x, DType::BF16), 1.0 + 2f32.powi(-7));
+        assert_eq!(round_up(x, DType::F32), x);
+        // Already representable: unchanged.
+        assert_eq!(round_up(0.5, DType::F16), 0.5);
+        assert_eq!(round_up(0.0, DType::BF16), 0.0);
     }
 
     #[test]
