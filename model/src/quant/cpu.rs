@@ -1,53 +1,18 @@
-//! The packed matrix product on Burn's CPU backend (Flex), as a backend extension: decoding multiplies one
+//! The packed-matrix operations on Burn's CPU backend (Flex) ([`super::extension`]): decoding multiplies one
 //! row by each weight matrix, and unpacking the whole matrix with generic tensor ops first (a dozen passes
 //! over it) made that 50× slower than f32. Here each group's codes are unpacked into registers and used at
 //! once; longer inputs (prefill) dequantise the matrix in one threaded pass and use Flex's matrix product.
 
 use std::borrow::Cow;
 
+use burn::backend::Flex;
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::backend::{Dispatch, Flex, backend_extension};
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::TensorData;
 use rayon::prelude::*;
 
+use super::extension::{FUSED_MAX_ROWS, PackedOps};
 use super::pack::GROUP;
-
-/// Inputs of at most this many rows take the fused path; longer ones dequantise then multiply.
-pub const FUSED_MAX_ROWS: usize = 8;
-
-/// `x · Wᵀ` for a packed `W`.
-#[backend_extension(Flex)]
-pub trait PackedMatmul: burn::backend::Backend {
-    /// `x` `[m, k]` times the transpose of the packed `[n, k]` matrix: `[m, n]`. All f32.
-    fn packed_matmul(
-        x: FloatTensor<Self>,
-        codes: IntTensor<Self>,
-        group_params: IntTensor<Self>,
-        supers: FloatTensor<Self>,
-        bits: usize,
-        groups_per_super: usize,
-    ) -> FloatTensor<Self>;
-}
-
-/// `x` `[m, k]` times the transpose of the packed matrix given by its parts (f32, on the CPU backend).
-pub fn packed_matmul(
-    x: Tensor<2>,
-    codes: Tensor<3, Int>,
-    group_params: Tensor<2, Int>,
-    supers: Tensor<3>,
-    bits: usize,
-    groups_per_super: usize,
-) -> Tensor<2> {
-    Tensor::from_dispatch(<Dispatch as PackedMatmul>::packed_matmul(
-        x.into_dispatch(),
-        codes.into_dispatch(),
-        group_params.into_dispatch(),
-        supers.into_dispatch(),
-        bits,
-        groups_per_super,
-    ))
-}
 
 /// A tensor's values in row-major order, borrowed when they already are.
 fn values<E: burn::tensor::Element + bytemuck::Pod>(t: &FloatTensor<Flex>) -> Cow<'_, [E]> {
@@ -57,7 +22,7 @@ fn values<E: burn::tensor::Element + bytemuck::Pod>(t: &FloatTensor<Flex>) -> Co
     }
 }
 
-impl PackedMatmul for Flex {
+impl PackedOps for Flex {
     fn packed_matmul(
         x: FloatTensor<Self>,
         codes: IntTensor<Self>,
@@ -66,17 +31,9 @@ impl PackedMatmul for Flex {
         bits: usize,
         groups_per_super: usize,
     ) -> FloatTensor<Self> {
-        let dims = |t: &FloatTensor<Self>| t.layout().shape().to_vec();
-        let (xd, cd) = (dims(&x), dims(&codes));
-        let (m, k, n) = (xd[0], xd[1], cd[0]);
-        let w = Packing {
-            codes: &values::<i32>(&codes),
-            params: &values::<i32>(&group_params),
-            supers: &values::<f32>(&supers),
-            k,
-            bits,
-            groups_per_super,
-        };
+        let xd = x.layout().shape().to_vec();
+        let (m, k, n) = (xd[0], xd[1], codes.layout().shape()[0]);
+        let w = Packing::new(&codes, &group_params, &supers, bits, groups_per_super);
         if m <= FUSED_MAX_ROWS {
             let out = w.matmul_t(&values::<f32>(&x), m, n);
             return FloatTensor::<Self>::from_data(TensorData::new(out, [m, n]));
@@ -84,19 +41,49 @@ impl PackedMatmul for Flex {
         let dense = FloatTensor::<Self>::from_data(TensorData::new(w.dequantize(n), [n, k]));
         Self::float_matmul(x, Self::float_transpose(dense))
     }
+
+    fn packed_dequantize(
+        codes: IntTensor<Self>,
+        group_params: IntTensor<Self>,
+        supers: FloatTensor<Self>,
+        bits: usize,
+        groups_per_super: usize,
+    ) -> FloatTensor<Self> {
+        let (n, k) = (codes.layout().shape()[0], codes.layout().shape()[1] * GROUP);
+        let w = Packing::new(&codes, &group_params, &supers, bits, groups_per_super);
+        FloatTensor::<Self>::from_data(TensorData::new(w.dequantize(n), [n, k]))
+    }
 }
 
 /// A packed `[n, k]` matrix's host slices (layout in [`super::pack`]).
 struct Packing<'a> {
-    codes: &'a [i32],
-    params: &'a [i32],
-    supers: &'a [f32],
+    codes: Cow<'a, [i32]>,
+    params: Cow<'a, [i32]>,
+    supers: Cow<'a, [f32]>,
     k: usize,
     bits: usize,
     groups_per_super: usize,
 }
 
-impl Packing<'_> {
+impl<'a> Packing<'a> {
+    /// The parts of a packed matrix on the CPU backend (f32 maxima).
+    fn new(
+        codes: &'a IntTensor<Flex>,
+        group_params: &'a IntTensor<Flex>,
+        supers: &'a FloatTensor<Flex>,
+        bits: usize,
+        groups_per_super: usize,
+    ) -> Self {
+        Self {
+            codes: values::<i32>(codes),
+            params: values::<i32>(group_params),
+            supers: values::<f32>(supers),
+            k: codes.layout().shape()[1] * GROUP,
+            bits,
+            groups_per_super,
+        }
+    }
+
     /// Row `o`'s group `g`: its scale and minimum, and its 32 codes into `q`. `BITS` is a constant so
     /// the unpacking unrolls into vector shifts.
     #[inline(always)]
@@ -246,16 +233,12 @@ fn has_avx2() -> bool {
     false
 }
 
-/// Whether `x` can take [`packed_matmul`]: f32 on the CPU backend.
-pub fn applies(x: &Tensor<2>) -> bool {
-    x.dtype() == DType::F32 && x.device() == burn::tensor::Device::flex()
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::QuantizedMatrix;
+    use super::super::extension::applies;
     use super::super::pack::quantize;
-    use burn::tensor::{Device, Distribution};
+    use burn::tensor::{DType, Device, Distribution, Tensor};
 
     use super::*;
 
@@ -271,9 +254,9 @@ mod tests {
         for bits in [4, 8] {
             let p = quantize(&w, n, k, bits, DType::F32);
             let packing = Packing {
-                codes: &p.codes,
-                params: &p.group_params,
-                supers: &p.supers,
+                codes: Cow::Borrowed(&p.codes),
+                params: Cow::Borrowed(&p.group_params),
+                supers: Cow::Borrowed(&p.supers),
                 k,
                 bits,
                 groups_per_super: p.groups_per_super,
@@ -337,7 +320,7 @@ mod tests {
             // 1 and 3 rows take the fused path, 20 the dequantise-then-multiply one.
             for rows in [1, 3, 20] {
                 let x = Tensor::<2>::random([rows, k], Distribution::Normal(0.0, 1.0), &device);
-                assert!(applies(&x));
+                assert!(applies(&x.device(), x.dtype()));
                 let want: Vec<f32> = x
                     .clone()
                     .matmul(m.dequantize().transpose())

@@ -1,10 +1,12 @@
-//! A [`Packed`] matrix on the device, unpacked with generic tensor ops (shifts, masks, a multiply-add), so
-//! the same code runs on every backend; matrix products dequantise a slab of rows at a time so the float
-//! copy of a large matrix never exists whole.
+//! A [`Packed`] matrix on the device. The CPU backend and the CubeCL runtimes have kernels for it
+//! ([`extension`]); elsewhere it is unpacked with generic tensor ops (shifts, masks, a multiply-add).
+//! Products longer than a few rows dequantise a slab of rows at a time, so the float copy of a large
+//! matrix never exists whole.
 
 use burn::module::{Module, Param, ParamId};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
+use super::extension;
 use super::pack::{GROUP, Packed};
 
 /// Most values a matrix product dequantises at once (64 MiB in f32).
@@ -90,13 +92,12 @@ impl QuantizedMatrix {
         )
     }
 
-    /// `x` `[m, cols]` times the transpose of the matrix: `[m, rows]`, a slab of rows at a time (on the CPU
-    /// backend in f32, through the packed-weight kernel instead of unpacking with tensor ops).
+    /// `x` `[m, cols]` times the transpose of the matrix: `[m, rows]`, through the backend's packed-matrix
+    /// kernel where it has one ([`extension`]), else a slab of rows at a time unpacked with tensor ops.
     pub fn matmul_t(&self, x: Tensor<2>) -> Tensor<2> {
-        #[cfg(feature = "cpu")]
-        if super::cpu::applies(&x) && self.dtype() == DType::F32 {
-            // The fused path never materialises the matrix: one call for all of it.
-            let max_values = if x.dims()[0] <= super::cpu::FUSED_MAX_ROWS {
+        if x.dtype() == self.dtype() && extension::applies(&x.device(), x.dtype()) {
+            // The fused product never materialises the matrix: one call for all of it.
+            let max_values = if x.dims()[0] <= extension::FUSED_MAX_ROWS {
                 usize::MAX
             } else {
                 SLAB_VALUES
@@ -104,7 +105,7 @@ impl QuantizedMatrix {
             let outs: Vec<Tensor<2>> = self
                 .row_ranges(max_values)
                 .map(|(codes, group_params, supers)| {
-                    super::cpu::packed_matmul(
+                    extension::packed_matmul(
                         x.clone(),
                         codes,
                         group_params,
@@ -150,6 +151,15 @@ impl QuantizedMatrix {
         supers: Tensor<3>,
     ) -> Tensor<2> {
         let dtype = supers.dtype();
+        if extension::applies(&supers.device(), dtype) {
+            return extension::packed_dequantize(
+                codes,
+                group_params,
+                supers,
+                self.bits,
+                self.groups_per_super,
+            );
+        }
         let rows = codes.dims()[0];
         let groups = self.cols / GROUP;
         let supers_per_row = groups / self.groups_per_super;

@@ -8,6 +8,9 @@
 
 #[cfg(feature = "cpu")]
 pub mod cpu;
+#[cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda"))]
+pub mod cube;
+pub mod extension;
 pub mod footprint;
 pub mod matrix;
 pub mod pack;

@@ -1,0 +1,94 @@
+//! The packed-matrix operations as a Burn backend extension, so each backend runs its own kernel: the CPU
+//! backend (Flex, [`super::cpu`]) and every CubeCL runtime (wgpu, Vulkan, CUDA: [`super::cube`]). Generic
+//! tensor ops unpack a matrix in a dozen passes over it; these read each code once. Other backends (and
+//! autodiff devices) take the tensor-op path in [`super::QuantizedMatrix`].
+
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{Dispatch, backend_extension};
+#[cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda"))]
+use burn::backend::DispatchDevice;
+use burn::tensor::{DType, Device, Int, Tensor};
+
+/// Inputs of at most this many rows take the fused product (decoding); longer ones dequantise the matrix
+/// and use the backend's matrix product.
+pub const FUSED_MAX_ROWS: usize = 8;
+
+/// Products and unpacking of a packed `[n, k]` matrix given by its parts (layout in [`super::pack`]).
+#[backend_extension(
+    Flex: cfg(feature = "cpu"),
+    Cube: cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda"))
+)]
+pub trait PackedOps: burn::backend::Backend {
+    /// `x` `[m, k]` times the transpose of the packed matrix: `[m, n]`, in `x`'s float type.
+    fn packed_matmul(
+        x: FloatTensor<Self>,
+        codes: IntTensor<Self>,
+        group_params: IntTensor<Self>,
+        supers: FloatTensor<Self>,
+        bits: usize,
+        groups_per_super: usize,
+    ) -> FloatTensor<Self>;
+
+    /// The packed matrix as floats, `[n, k]`, in the type of `supers`.
+    fn packed_dequantize(
+        codes: IntTensor<Self>,
+        group_params: IntTensor<Self>,
+        supers: FloatTensor<Self>,
+        bits: usize,
+        groups_per_super: usize,
+    ) -> FloatTensor<Self>;
+}
+
+/// Whether tensors of `dtype` on `device` have a kernel here: f32 on the CPU backend, any float type on
+/// a CubeCL device; never on an autodiff device (the kernels have no backward pass).
+pub fn applies(device: &Device, dtype: DType) -> bool {
+    if device.is_autodiff() {
+        return false;
+    }
+    #[cfg(feature = "cpu")]
+    if *device == Device::flex() {
+        return dtype == DType::F32;
+    }
+    #[cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda"))]
+    if matches!(device.as_dispatch(), DispatchDevice::Cube(_)) {
+        return matches!(dtype, DType::F32 | DType::F16 | DType::BF16);
+    }
+    let _ = dtype;
+    false
+}
+
+/// `x` `[m, k]` times the transpose of the packed matrix given by its parts: `[m, n]`.
+pub fn packed_matmul(
+    x: Tensor<2>,
+    codes: Tensor<3, Int>,
+    group_params: Tensor<2, Int>,
+    supers: Tensor<3>,
+    bits: usize,
+    groups_per_super: usize,
+) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as PackedOps>::packed_matmul(
+        x.into_dispatch(),
+        codes.into_dispatch(),
+        group_params.into_dispatch(),
+        supers.into_dispatch(),
+        bits,
+        groups_per_super,
+    ))
+}
+
+/// The packed matrix given by its parts as floats, `[n, k]`, in the type of `supers`.
+pub fn packed_dequantize(
+    codes: Tensor<3, Int>,
+    group_params: Tensor<2, Int>,
+    supers: Tensor<3>,
+    bits: usize,
+    groups_per_super: usize,
+) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as PackedOps>::packed_dequantize(
+        codes.into_dispatch(),
+        group_params.into_dispatch(),
+        supers.into_dispatch(),
+        bits,
+        groups_per_super,
+    ))
+}
