@@ -320,6 +320,24 @@ impl LlavaModel {
         Ok(Tensor::cat(parts, 1))
     }
 
+    /// Input embeddings `[1, seq, hidden]` for generated ids: all text, even an id that is also the image
+    /// token (a model may emit it; only a prompt's image tokens stand for image embeddings).
+    pub fn embed_generated(&self, ids: &[u32]) -> Result<Tensor<3>> {
+        let vocab = self.lm.vocab_size();
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::Input(format!(
+                "generated token id {id} is outside the vocabulary (0..{vocab})"
+            )));
+        }
+        if ids.is_empty() {
+            return Err(Error::Input("no generated tokens to embed".into()));
+        }
+        let ids: Vec<i64> = ids.iter().map(|&id| i64::from(id)).collect();
+        let n = ids.len();
+        let t = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &self.lm_device());
+        Ok(self.lm.embed(t))
+    }
+
     /// Runs new positions through the decoder, returning logits `[1, seq, vocab]` for all of them.
     pub fn forward(&self, embeds: Tensor<3>, cache: &mut KvCache) -> Result<Tensor<3>> {
         let h = self.lm.forward_embeds(embeds, cache)?;

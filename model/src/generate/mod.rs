@@ -125,14 +125,17 @@ pub fn greedy_without_cache(
     images: Option<&Tensor<3>>,
     n: usize,
 ) -> Result<Vec<u32>> {
-    let mut seq = ids.to_vec();
+    let prompt = model.embed_sequence(ids, images)?;
     let mut out = Vec::new();
     for _ in 0..n {
         let mut cache = model.new_cache();
-        let logits = model.forward_last(model.embed_sequence(&seq, images)?, &mut cache)?;
-        let next = argmax(&host_logits(logits));
+        let embeds = if out.is_empty() {
+            prompt.clone()
+        } else {
+            Tensor::cat(vec![prompt.clone(), model.embed_generated(&out)?], 1)
+        };
+        let next = argmax(&host_logits(model.forward_last(embeds, &mut cache)?));
         out.push(next);
-        seq.push(i64::from(next));
     }
     Ok(out)
 }
@@ -154,8 +157,7 @@ pub fn next_token(logits: Tensor<1>, sampler: &mut Sampler) -> u32 {
 
 /// Runs one new token through the model, returning the logits of the next position.
 pub fn step(model: &LlavaModel, cache: &mut KvCache, token: u32) -> Result<Tensor<1>> {
-    let embeds = model.embed_sequence(&[i64::from(token)], None)?;
-    model.forward_last(embeds, cache)
+    model.forward_last(model.embed_generated(&[token])?, cache)
 }
 
 fn host_logits(logits: Tensor<1>) -> Vec<f32> {
@@ -164,4 +166,40 @@ fn host_logits(logits: Tensor<1>) -> Vec<f32> {
         .into_data()
         .try_into_vec::<f32>()
         .expect("f32 logits")
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::Device;
+
+    use super::*;
+    use crate::bench::shape_config;
+    use crate::quant::Quantization;
+
+    /// A model may emit its own image token; decoding embeds it as text (it used to be taken for an image
+    /// slot and stop generation with "the prompt asks for 1 image embeddings but 0 were given").
+    #[test]
+    fn a_generated_image_token_is_decoded_as_text() {
+        let device = Device::default();
+        let model = LlavaModel::random(
+            shape_config("tiny").unwrap(),
+            &device,
+            DType::F32,
+            Some(64),
+            Quantization::None,
+        )
+        .unwrap();
+        let image_token = model.multimodal().unwrap().image_token_index.unwrap();
+        let vocab = model.lm.vocab_size();
+        let mut cache = model.new_cache();
+        model
+            .forward_last(model.embed_sequence(&[1, 5, 6], None).unwrap(), &mut cache)
+            .unwrap();
+        let logits = step(&model, &mut cache, image_token).unwrap();
+        assert_eq!(logits.dims(), [vocab]);
+        let err = step(&model, &mut cache, vocab as u32).unwrap_err().to_string();
+        assert!(err.contains("outside the vocabulary"), "{err}");
+        let ids = greedy_without_cache(&model, &[1, 5, 6], None, 3).unwrap();
+        assert_eq!(ids.len(), 3);
+    }
 }
