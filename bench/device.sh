@@ -7,6 +7,9 @@
 #                             (scripts/gpu-check.sh run), then `llava-med bench --shape 7b` in f16 through wgpu
 #                             on the NVIDIA Vulkan driver beside transformers on CUDA (eager and compiled),
 #                             and the fraction of the bandwidth floor; everything lands in $OUT
+#   bench/device.sh fusion    there, a second call if the budget allows (≤ 4 minutes): our `7b` f16 decode
+#                             with and without Burn's fusion backend, one run each, into $OUT
+#                             (SHAPE=tiny runs it on lavapipe here, to check the mechanics)
 #
 # burn-cuda cannot be built in this workplace, so our side runs through wgpu/Vulkan; PyTorch and transformers
 # are preinstalled on the device machine.
@@ -14,7 +17,27 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
 prepare)
-  exec scripts/gpu-check.sh prepare
+  scripts/gpu-check.sh prepare || exit
+  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/llava-med-target}"
+  cargo build -p llava-med --features wgpu,fusion --bin llava-med || exit
+  strip -o .gpu/llava-med-fusion "$CARGO_TARGET_DIR/debug/llava-med" && gzip -9f .gpu/llava-med-fusion
+  du -sh .gpu
+  ;;
+fusion)
+  out="${OUT:-/tmp}"
+  [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ] &&
+    export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+  # The Vulkan loader from .gl/ only where the machine lacks one (as on the device machine).
+  if ! ldconfig -p | grep -q libvulkan.so.1; then
+    for f in .gl/*.deb; do dpkg -x "$f" /; done
+    ldconfig
+  fi
+  gunzip -kf .gpu/llava-med.gz .gpu/llava-med-fusion.gz
+  for b in llava-med llava-med-fusion; do
+    timeout 110 ".gpu/$b" bench --shape "${SHAPE:-7b}" --device wgpu --dtype f16 --runs 1 --new-tokens 16 \
+      --json >"$out/$b-${SHAPE:-7b}.json" 2>"$out/$b-${SHAPE:-7b}.log"
+    echo "$b: exit $?" | tee -a "$out/fusion-status.txt"
+  done
   ;;
 run)
   out="${OUT:-/tmp}"
@@ -49,7 +72,7 @@ for side in ("ours", "pytorch_eager", "pytorch_compiled"):
 PY
   ;;
 *)
-  echo "usage: $0 prepare|run" >&2
+  echo "usage: $0 prepare|run|fusion" >&2
   exit 2
   ;;
 esac

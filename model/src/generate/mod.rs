@@ -197,7 +197,9 @@ mod tests {
             .unwrap();
         let logits = step(&model, &mut cache, image_token).unwrap();
         assert_eq!(logits.dims(), [vocab]);
-        let err = step(&model, &mut cache, vocab as u32).unwrap_err().to_string();
+        let err = step(&model, &mut cache, vocab as u32)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("outside the vocabulary"), "{err}");
         let ids = greedy_without_cache(&model, &[1, 5, 6], None, 3).unwrap();
         assert_eq!(ids.len(), 3);

@@ -3,11 +3,11 @@
 //! writes the float matrix before the product reads it again; here decoding reads each code word once
 //! and multiplies in registers, and prefill dequantises in one pass before Burn's matrix product.
 
-use burn::backend::Cube;
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::tensor::Shape;
+use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise};
 use burn_cubecl::kernel::into_contiguous;
@@ -146,7 +146,7 @@ fn dims(t: &CubeTensor) -> Vec<usize> {
     t.meta.shape().to_vec()
 }
 
-impl PackedOps for Cube {
+impl PackedOps for CubeBackend {
     fn packed_matmul(
         x: FloatTensor<Self>,
         codes: IntTensor<Self>,
@@ -158,7 +158,8 @@ impl PackedOps for Cube {
         let (xd, n) = (dims(&x), dims(&codes)[0]);
         let (m, k) = (xd[0], xd[1]);
         if m > FUSED_MAX_ROWS {
-            let dense = Self::packed_dequantize(codes, group_params, supers, bits, groups_per_super);
+            let dense =
+                Self::packed_dequantize(codes, group_params, supers, bits, groups_per_super);
             return Self::float_matmul(x, Self::float_transpose(dense));
         }
         let dtype = supers.dtype;
@@ -264,7 +265,11 @@ mod tests {
     }
 
     fn host(t: Tensor<2>) -> Vec<f32> {
-        t.cast(DType::F32).into_data().convert::<f32>().to_vec().unwrap()
+        t.cast(DType::F32)
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap()
     }
 
     /// Each kernel against the host reference ([`super::super::Packed::dequantize`]), in f32 and f16:
@@ -313,8 +318,8 @@ mod tests {
                                 })
                             })
                             .collect();
-                        let xt = Tensor::<2>::from_data(TensorData::new(x, [rows, k]), &gpu)
-                            .cast(dtype);
+                        let xt =
+                            Tensor::<2>::from_data(TensorData::new(x, [rows, k]), &gpu).cast(dtype);
                         let got = m.matmul_t(xt);
                         assert_eq!(got.dims(), [rows, n]);
                         let got = host(got);

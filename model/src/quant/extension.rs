@@ -3,10 +3,12 @@
 //! tensor ops unpack a matrix in a dozen passes over it; these read each code once. Other backends (and
 //! autodiff devices) take the tensor-op path in [`super::QuantizedMatrix`].
 
-use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::backend::{Dispatch, backend_extension};
 #[cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda"))]
 use burn::backend::DispatchDevice;
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{Dispatch, backend_extension};
+#[cfg(feature = "fusion")]
+use burn::tensor::Shape;
 use burn::tensor::{DType, Device, Int, Tensor};
 
 /// Inputs of at most this many rows take the fused product (decoding); longer ones dequantise the matrix
@@ -16,10 +18,12 @@ pub const FUSED_MAX_ROWS: usize = 8;
 /// Products and unpacking of a packed `[n, k]` matrix given by its parts (layout in [`super::pack`]).
 #[backend_extension(
     Flex: cfg(feature = "cpu"),
-    Cube: cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda"))
+    Cube: cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda")),
+    Fusion: cfg(feature = "fusion")
 )]
 pub trait PackedOps: burn::backend::Backend {
-    /// `x` `[m, k]` times the transpose of the packed matrix: `[m, n]`, in `x`'s float type.
+    /// `x` `[m, k]` times the transpose of the packed matrix: `[m, n]`, in the type of `supers`.
+    #[fusion(dtype = supers, shape = product_shape(x, codes))]
     fn packed_matmul(
         x: FloatTensor<Self>,
         codes: IntTensor<Self>,
@@ -30,6 +34,7 @@ pub trait PackedOps: burn::backend::Backend {
     ) -> FloatTensor<Self>;
 
     /// The packed matrix as floats, `[n, k]`, in the type of `supers`.
+    #[fusion(dtype = supers, shape = dense_shape(codes))]
     fn packed_dequantize(
         codes: IntTensor<Self>,
         group_params: IntTensor<Self>,
@@ -37,6 +42,18 @@ pub trait PackedOps: burn::backend::Backend {
         bits: usize,
         groups_per_super: usize,
     ) -> FloatTensor<Self>;
+}
+
+/// `[m, n]` for `x` `[m, k]` and `codes` `[n, k / 32, bits]` (declared to the fusion backend).
+#[cfg(feature = "fusion")]
+fn product_shape(x: &Shape, codes: &Shape) -> Shape {
+    Shape::new([x[0], codes[0]])
+}
+
+/// `[n, k]` for `codes` `[n, k / 32, bits]` (declared to the fusion backend).
+#[cfg(feature = "fusion")]
+fn dense_shape(codes: &Shape) -> Shape {
+    Shape::new([codes[0], codes[1] * super::pack::GROUP])
 }
 
 /// Whether tensors of `dtype` on `device` have a kernel here: f32 on the CPU backend, any float type on
