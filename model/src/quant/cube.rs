@@ -17,8 +17,10 @@ use burn_cubecl::tensor::CubeTensor;
 use super::extension::{FUSED_MAX_ROWS, PackedOps};
 use super::pack::GROUP;
 
-/// Units per cube of the product kernel: each takes every `UNITS`-th group of one weight row.
-const UNITS: u32 = 64;
+/// Units per cube of the product kernel.
+const CUBE_UNITS: u32 = 256;
+/// Most units sharing one weight row in the product kernel.
+const MAX_LANES: usize = 32;
 /// Most cubes along one dispatch dimension (WebGPU's guaranteed minimum is 65 535).
 const MAX_CUBES_X: usize = 32_768;
 
@@ -44,8 +46,9 @@ fn group_scale_min<F: Float>(
     (scale, min)
 }
 
-/// `out[r, o] = Σ_k x[r, k] · W[o, k]`, one cube per (weight row `o`, input row `r`): its units take
-/// every `UNITS`-th group, as Σ w·x = scale · Σ q·x + min · Σ x, then sum their parts in shared memory.
+/// `out[r, o] = Σ_k x[r, k] · W[o, k]`. A cube holds `CUBE_UNITS / lanes` weight rows of one input row `r`;
+/// the `lanes` units of a weight row take every `lanes`-th group, as Σ w·x = scale · Σ q·x + min · Σ x,
+/// then sum their parts in shared memory.
 #[cube(launch_unchecked)]
 fn packed_matmul_kernel<F: Float>(
     x: &Tensor<F>,
@@ -55,55 +58,57 @@ fn packed_matmul_kernel<F: Float>(
     out: &mut Tensor<F>,
     #[comptime] bits: u32,
     #[comptime] gps: u32,
+    #[comptime] lanes: u32,
     #[define(F)] _dtype: ElemType,
 ) {
     let n = out.shape(1);
     let k = x.shape(1);
-    let o = (CUBE_POS_Z * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    let rows_per_cube = comptime!(CUBE_UNITS / lanes) as usize;
+    let o = (CUBE_POS_Z * CUBE_COUNT_X + CUBE_POS_X) as usize * rows_per_cube + UNIT_POS_Y as usize;
     let r = CUBE_POS_Y as usize;
-    // Uniform across the cube, so no unit is left waiting at a barrier.
-    if o >= n {
-        terminate!();
-    }
     let groups = k / 32;
     let per_word = comptime!(32 / bits);
     let mask = comptime!((1u32 << bits) - 1);
     let mut acc = 0.0f32;
-    let mut g = UNIT_POS_X as usize;
-    while g < groups {
-        let (scale, min) = group_scale_min::<F>(params, supers, o, g, groups, gps);
-        let base = (o * groups + g) * bits as usize;
-        let xb = r * k + g * 32;
-        let mut dot = 0.0f32;
-        let mut sum = 0.0f32;
-        #[unroll]
-        for w in 0..bits {
-            let word = u32::cast_from(codes[base + w as usize]);
+    // Not an early exit: every unit must reach the barriers below.
+    if o < n {
+        let mut g = UNIT_POS_X as usize;
+        while g < groups {
+            let (scale, min) = group_scale_min::<F>(params, supers, o, g, groups, gps);
+            let base = (o * groups + g) * bits as usize;
+            let xb = r * k + g * 32;
+            let mut dot = 0.0f32;
+            let mut sum = 0.0f32;
             #[unroll]
-            for i in 0..per_word {
-                let q = f32::cast_from((word >> (i * bits)) & mask);
-                let v = f32::cast_from(x[xb + (w * per_word + i) as usize]);
-                dot += q * v;
-                sum += v;
+            for w in 0..bits {
+                let word = u32::cast_from(codes[base + w as usize]);
+                #[unroll]
+                for i in 0..per_word {
+                    let q = f32::cast_from((word >> (i * bits)) & mask);
+                    let v = f32::cast_from(x[xb + (w * per_word + i) as usize]);
+                    dot += q * v;
+                    sum += v;
+                }
             }
+            acc += scale * dot + min * sum;
+            g += lanes as usize;
         }
-        acc += scale * dot + min * sum;
-        g += UNITS as usize;
     }
-    let mut parts = Shared::<[f32]>::new_slice(UNITS as usize);
+    let mut parts = Shared::<[f32]>::new_slice(CUBE_UNITS as usize);
+    let row = UNIT_POS_Y as usize * lanes as usize;
     let u = UNIT_POS_X as usize;
-    parts[u] = acc;
+    parts[row + u] = acc;
     sync_cube();
     #[unroll]
-    for step in 1..comptime!(UNITS.trailing_zeros() + 1) {
-        let half = comptime!(UNITS >> step) as usize;
+    for step in 1..comptime!(lanes.trailing_zeros() + 1) {
+        let half = comptime!(lanes >> step) as usize;
         if u < half {
-            parts[u] += parts[u + half];
+            parts[row + u] += parts[row + u + half];
         }
         sync_cube();
     }
-    if u == 0 {
-        out[r * n + o] = F::cast_from(parts[0]);
+    if u == 0 && o < n {
+        out[r * n + o] = F::cast_from(parts[row]);
     }
 }
 
@@ -180,16 +185,23 @@ impl PackedOps for CubeBackend {
             Shape::new([m, n]),
             dtype,
         );
-        let cubes_x = n.clamp(1, MAX_CUBES_X);
-        let count = CubeCount::Static(cubes_x as u32, m as u32, n.div_ceil(cubes_x) as u32);
+        // Units per weight row: a power of two up to 32 that leaves none without a group (a 768-wide
+        // row has 24 groups: 16 lanes; a 4096-wide one 128: 32 lanes, 4 groups each).
+        let groups = k / GROUP;
+        let lanes = 1usize << groups.clamp(1, MAX_LANES).ilog2();
+        let rows_per_cube = CUBE_UNITS as usize / lanes;
+        let cubes = n.div_ceil(rows_per_cube);
+        let cubes_x = cubes.clamp(1, MAX_CUBES_X);
+        let count = CubeCount::Static(cubes_x as u32, m as u32, cubes.div_ceil(cubes_x) as u32);
         // SAFETY: every index the kernel reads is inside the contiguous inputs, whose shapes are tied by
         // the packed layout (`codes` `[n, k/32, bits]`, two groups' parameters per word, `2 · groups /
-        // groups_per_super` maxima per row), and each output element is written by one unit.
+        // groups_per_super` maxima per row), weight rows past `n` are skipped, and each output element is
+        // written by one unit.
         unsafe {
             packed_matmul_kernel::launch_unchecked(
                 &out.client,
                 count,
-                CubeDim::new_1d(UNITS),
+                CubeDim::new_2d(lanes as u32, rows_per_cube as u32),
                 x.into_tensor_arg(),
                 codes.into_tensor_arg(),
                 group_params.into_tensor_arg(),
@@ -197,6 +209,7 @@ impl PackedOps for CubeBackend {
                 out.clone().into_tensor_arg(),
                 bits as u32,
                 groups_per_super as u32,
+                lanes as u32,
                 dtype_to_storage_type(dtype),
             );
         }
@@ -274,8 +287,8 @@ mod tests {
 
     /// Each kernel against the host reference ([`super::super::Packed::dequantize`]), in f32 and f16:
     /// 1 and 3 input rows take the fused product, 20 the dequantise-then-multiply path; 9 groups per row
-    /// leave a half-used parameter word, 24 make three super-blocks, and 40 000 rows need the second
-    /// dispatch dimension.
+    /// leave a half-used parameter word and 8 lanes per weight row, 24 make three super-blocks and 16
+    /// lanes, and one group per row over 40 000 rows leaves the last cube partly past the matrix.
     #[test]
     fn kernels_match_the_host_reference_on_wgpu() {
         let gpu = Device::wgpu(DeviceKind::DefaultDevice);
