@@ -244,7 +244,6 @@ impl LlavaModel {
     /// llava-hf checkpoints, each `image_token_index` for one image embedding, both filled in order from
     /// `images` (`[images, tokens_per_image, hidden]`). The counts must match exactly.
     pub fn embed_sequence(&self, ids: &[i64], images: Option<&Tensor<3>>) -> Result<Tensor<3>> {
-        let device = self.lm_device();
         let vocab = self.lm.vocab_size() as i64;
         let image_token = self
             .multimodal()
@@ -261,12 +260,7 @@ impl LlavaModel {
         let mut used = 0usize;
         let flush = |text: &mut Vec<i64>, parts: &mut Vec<Tensor<3>>| {
             if !text.is_empty() {
-                let n = text.len();
-                let t = Tensor::<2, Int>::from_data(
-                    TensorData::new(std::mem::take(text), [1, n]),
-                    &device,
-                );
-                parts.push(self.lm.embed(t));
+                parts.push(self.embed_ids(std::mem::take(text)));
             }
         };
         let mut i = 0;
@@ -332,10 +326,14 @@ impl LlavaModel {
         if ids.is_empty() {
             return Err(Error::Input("no generated tokens to embed".into()));
         }
-        let ids: Vec<i64> = ids.iter().map(|&id| i64::from(id)).collect();
+        Ok(self.embed_ids(ids.iter().map(|&id| i64::from(id)).collect()))
+    }
+
+    /// The token embeddings `[1, ids, hidden]` of ids already checked against the vocabulary.
+    fn embed_ids(&self, ids: Vec<i64>) -> Tensor<3> {
         let n = ids.len();
         let t = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &self.lm_device());
-        Ok(self.lm.embed(t))
+        self.lm.embed(t)
     }
 
     /// Runs new positions through the decoder, returning logits `[1, seq, vocab]` for all of them.

@@ -168,11 +168,8 @@ impl PackedOps for CubeBackend {
             return Self::float_matmul(x, Self::float_transpose(dense));
         }
         let dtype = supers.dtype;
-        let x = into_contiguous(if x.dtype == dtype {
-            x
-        } else {
-            Self::float_cast(x, dtype.into())
-        });
+        debug_assert_eq!(x.dtype, dtype);
+        let x = into_contiguous(x);
         let (codes, group_params, supers) = (
             into_contiguous(codes),
             into_contiguous(group_params),

@@ -22,7 +22,7 @@ pub const FUSED_MAX_ROWS: usize = 8;
     Fusion: cfg(feature = "fusion")
 )]
 pub trait PackedOps: burn::backend::Backend {
-    /// `x` `[m, k]` times the transpose of the packed matrix: `[m, n]`, in the type of `supers`.
+    /// `x` `[m, k]` times the transpose of the packed matrix: `[m, n]`. `x` is in the type of `supers`.
     #[fusion(dtype = supers, shape = product_shape(x, codes))]
     fn packed_matmul(
         x: FloatTensor<Self>,
