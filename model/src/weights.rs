@@ -347,11 +347,28 @@ impl WeightLoader<'_> {
         d_outs: &[usize],
         bias: bool,
     ) -> Result<Linear> {
+        let bits = self.quantization.linear_bits();
+        self.linear_with_bits(prefixes, d_in, d_outs, bias, bits)
+    }
+
+    /// The language model's output head `{prefix}.weight` [vocab, d], quantised one step finer than the
+    /// other matrices ([`Quantization::head_bits`]).
+    pub fn output_head(&mut self, prefix: &str, d: usize, vocab: usize) -> Result<Linear> {
+        let bits = self.quantization.head_bits();
+        self.linear_with_bits(&[prefix.to_string()], d, &[vocab], false, bits)
+    }
+
+    /// [`Self::fused_linear`] with codes of `bits` (`None`: the float type) when the input width allows.
+    fn linear_with_bits(
+        &mut self,
+        prefixes: &[String],
+        d_in: usize,
+        d_outs: &[usize],
+        bias: bool,
+        bits: Option<usize>,
+    ) -> Result<Linear> {
         let total: usize = d_outs.iter().sum();
-        let bits = self
-            .quantization
-            .linear_bits()
-            .filter(|_| pack::packable(d_in));
+        let bits = bits.filter(|_| pack::packable(d_in));
         let Some(files) = self.files else {
             let name = format!("{}.weight", prefixes[0]);
             let bias = bias.then(|| self.made_up(".bias", [total]));

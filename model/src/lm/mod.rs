@@ -89,7 +89,7 @@ impl Decoder {
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(w.linear(head, d, c.vocab_size, false)?)
+            Some(w.output_head(head, d, c.vocab_size)?)
         };
         Ok(Self {
             embed_tokens: w.embedding(

@@ -31,7 +31,7 @@ pub fn weight_bytes(
     let head = if t.tie_word_embeddings {
         0
     } else {
-        linear(t.vocab_size, d)
+        matrix(t.vocab_size, d, quant.head_bits())
     };
     let decoder = t.num_layers * layer
         + matrix(t.vocab_size, d, quant.embedding_bits(t.tie_word_embeddings))

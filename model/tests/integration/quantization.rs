@@ -145,11 +145,10 @@ fn smollm2_quantised_keeps_its_greedy_tokens() {
         Quantization::Int4,
         &agreement(&dir, &prompts, 32, Quantization::Int4),
     );
-    // Measured 98.1 % (int8) and 99.0 % (int4), the misses all where the full model's lead is under 0.1
-    // logit. SmolLM2's linear weights come from a Q4_1 GGUF, already on a grid of groups of 32 with their
-    // own step and minimum, which the 4-bit format nearly reproduces while 8 bits re-rounds them; the
-    // issue's 99 % for int8 is not met (BENCHMARKS.md).
-    assert!(int8 >= 0.97, "int8 agreement {int8}");
+    // Measured 99.5 % (int8) and 99.0 % (int4), the misses all where the full model's lead is under 0.1
+    // logit. With the tied head at 8 bits under int8 too it was 98.1 %: the head's rounding reaches every
+    // logit, hence it is kept one step finer (`Quantization::head_bits`).
+    assert!(int8 >= 0.99, "int8 agreement {int8}");
     assert!(int4 >= 0.95, "int4 agreement {int4}");
 }
 
@@ -176,7 +175,7 @@ fn fixture_models_quantised_keep_their_greedy_tokens() {
         rates.push((name, int8, int4));
     }
     // Random tiny models have nearly tied logits, the hardest case for rounding, and here every matrix,
-    // vision tower included, is quantised. Measured: int8 97.2 % / 98.6 %, int4 56.9 % / 72.2 %.
+    // vision tower included, is quantised. Measured: int8 98.6 % / 98.6 %, int4 55.6 % / 73.6 %.
     for (name, int8, int4) in rates {
         assert!(int8 >= 0.95, "{name}: int8 agreement {int8}");
         assert!(int4 >= 0.4, "{name}: int4 agreement {int4}");
@@ -219,10 +218,13 @@ fn quantisation_cuts_the_weight_memory() {
             total / 1e6,
             100.0 * total / full
         );
+        // The goals (≤ 55 % and ≤ 30 %) are for 7B, asserted from the footprint in
+        // `quant::footprint::tests::seven_b_fits_the_goals`. Here the output head, kept one step finer, is
+        // 10 % of the weights (1.7 % in 7B): measured 58.7 % and 31.7 %.
         let goal = match q {
             Quantization::None => 1.0,
-            Quantization::Int8 => 0.55,
-            Quantization::Int4 => 0.30,
+            Quantization::Int8 => 0.59,
+            Quantization::Int4 => 0.32,
         };
         assert!(total / full <= goal, "{q}: {:.3} of f16", total / full);
     }
