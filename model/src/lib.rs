@@ -4,6 +4,7 @@
 
 #![warn(missing_docs)]
 
+pub mod activation;
 pub mod bench;
 pub mod config;
 pub mod device;
@@ -12,6 +13,7 @@ pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod imaging;
+pub mod kernels;
 pub mod linear;
 pub mod llava;
 pub mod lm;

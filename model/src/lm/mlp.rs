@@ -1,7 +1,9 @@
 //! SwiGLU feed-forward block: down(silu(gate(x)) · up(x)), with gate and up fused into one projection.
 
 use burn::module::Module;
-use burn::tensor::{Tensor, activation};
+use burn::tensor::Tensor;
+
+use crate::activation::silu_mul;
 
 use crate::error::Result;
 use crate::linear::Linear;
@@ -13,7 +15,6 @@ pub struct SwiGlu {
     /// `gate_proj` and `up_proj` side by side: `[d, 2 · inner]`.
     gate_up_proj: Linear,
     down_proj: Linear,
-    inner: usize,
 }
 
 impl SwiGlu {
@@ -23,15 +24,12 @@ impl SwiGlu {
         Ok(Self {
             gate_up_proj: w.fused_linear(&names, d, &[inner, inner], false)?,
             down_proj: w.linear(&format!("{prefix}.down_proj"), inner, d, false)?,
-            inner,
         })
     }
 
     /// `[.., d]` → `[.., d]`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let h = self.gate_up_proj.forward(x);
-        let gate = activation::silu(h.clone().narrow(D - 1, 0, self.inner));
-        let up = h.narrow(D - 1, self.inner, self.inner);
-        self.down_proj.forward(gate * up)
+        self.down_proj
+            .forward(silu_mul(self.gate_up_proj.forward(x)))
     }
 }

@@ -13,14 +13,7 @@ use rayon::prelude::*;
 
 use super::extension::{FUSED_MAX_ROWS, PackedOps};
 use super::pack::GROUP;
-
-/// A tensor's values in row-major order, borrowed when they already are.
-fn values<E: burn::tensor::Element + bytemuck::Pod>(t: &FloatTensor<Flex>) -> Cow<'_, [E]> {
-    match t.layout().contiguous_offsets() {
-        Some((start, end)) => Cow::Borrowed(&t.storage::<E>()[start..end]),
-        None => Cow::Owned(t.to_contiguous().storage::<E>().to_vec()),
-    }
-}
+use crate::kernels::host::{has_avx2, values};
 
 impl PackedOps for Flex {
     fn packed_matmul(
@@ -222,22 +215,11 @@ fn dot32(a: &[f32; GROUP], b: &[f32]) -> f32 {
     lanes.iter().sum()
 }
 
-/// Whether this CPU has AVX2 (checked once).
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVX2.get_or_init(|| std::arch::is_x86_feature_detected!("avx2"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::QuantizedMatrix;
-    use super::super::extension::applies;
     use super::super::pack::quantize;
+    use crate::kernels::applies;
     use burn::tensor::{DType, Device, Distribution, Tensor};
 
     use super::*;

@@ -261,8 +261,8 @@ mod tests {
     use burn::tensor::{DType, Device, DeviceKind, Tensor, TensorData};
 
     use super::super::QuantizedMatrix;
-    use super::super::extension::applies;
     use super::super::pack::quantize;
+    use crate::kernels::applies;
 
     /// Deterministic values in [-1, 1) with some large ones, so groups get different ranges.
     fn values(n: usize, seed: usize) -> Vec<f32> {

@@ -1,15 +1,13 @@
 //! The packed-matrix operations as a Burn backend extension, so each backend runs its own kernel: the CPU
 //! backend (Flex, [`super::cpu`]) and every CubeCL runtime (wgpu, Vulkan, CUDA: [`super::cube`]). Generic
 //! tensor ops unpack a matrix in a dozen passes over it; these read each code once. Other backends (and
-//! autodiff devices) take the tensor-op path in [`super::QuantizedMatrix`].
+//! autodiff devices: [`crate::kernels::applies`]) take the tensor-op path in [`super::QuantizedMatrix`].
 
-#[cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda"))]
-use burn::backend::DispatchDevice;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Dispatch, backend_extension};
 #[cfg(feature = "fusion")]
 use burn::tensor::Shape;
-use burn::tensor::{DType, Device, Int, Tensor};
+use burn::tensor::{Int, Tensor};
 
 /// Inputs of at most this many rows take the fused product (decoding); longer ones dequantise the matrix
 /// and use the backend's matrix product.
@@ -54,24 +52,6 @@ fn product_shape(x: &Shape, codes: &Shape) -> Shape {
 #[cfg(feature = "fusion")]
 fn dense_shape(codes: &Shape) -> Shape {
     Shape::new([codes[0], codes[1] * super::pack::GROUP])
-}
-
-/// Whether tensors of `dtype` on `device` have a kernel here: f32 on the CPU backend, any float type on
-/// a CubeCL device; never on an autodiff device (the kernels have no backward pass).
-pub fn applies(device: &Device, dtype: DType) -> bool {
-    if device.is_autodiff() {
-        return false;
-    }
-    #[cfg(feature = "cpu")]
-    if *device == Device::flex() {
-        return dtype == DType::F32;
-    }
-    #[cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda"))]
-    if matches!(device.as_dispatch(), DispatchDevice::Cube(_)) {
-        return matches!(dtype, DType::F32 | DType::F16 | DType::BF16);
-    }
-    let _ = dtype;
-    false
 }
 
 /// `x` `[m, k]` times the transpose of the packed matrix given by its parts: `[m, n]`.

@@ -8,6 +8,7 @@ use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use super::extension;
 use super::pack::{GROUP, Packed};
+use crate::kernels;
 
 /// Most values a matrix product dequantises at once (64 MiB in f32).
 pub const SLAB_VALUES: usize = 1 << 24;
@@ -95,7 +96,7 @@ impl QuantizedMatrix {
     /// `x` `[m, cols]` times the transpose of the matrix: `[m, rows]`, through the backend's packed-matrix
     /// kernel where it has one ([`extension`]), else a slab of rows at a time unpacked with tensor ops.
     pub fn matmul_t(&self, x: Tensor<2>) -> Tensor<2> {
-        if x.dtype() == self.dtype() && extension::applies(&x.device(), x.dtype()) {
+        if x.dtype() == self.dtype() && kernels::applies(&x.device(), x.dtype()) {
             // The fused product never materialises the matrix: one call for all of it.
             let max_values = if x.dims()[0] <= extension::FUSED_MAX_ROWS {
                 usize::MAX
@@ -151,7 +152,7 @@ impl QuantizedMatrix {
         supers: Tensor<3>,
     ) -> Tensor<2> {
         let dtype = supers.dtype();
-        if extension::applies(&supers.device(), dtype) {
+        if kernels::applies(&supers.device(), dtype) {
             return extension::packed_dequantize(
                 codes,
                 group_params,

@@ -1,0 +1,55 @@
+//! Where this crate's own kernels run. They are Burn backend extensions (the packed quantised products in
+//! [`crate::quant`], the fused activations in [`crate::activation`]) with an implementation for the CPU
+//! backend (Flex) and one for every CubeCL runtime (wgpu, Vulkan, CUDA); any other case takes the generic
+//! tensor-op path written beside each extension.
+
+#[cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda"))]
+use burn::backend::DispatchDevice;
+use burn::tensor::{DType, Device};
+
+/// Whether tensors of `dtype` on `device` have a kernel here: f32 on the CPU backend, any float type on
+/// a CubeCL device; never on an autodiff device (the kernels have no backward pass).
+pub fn applies(device: &Device, dtype: DType) -> bool {
+    if device.is_autodiff() {
+        return false;
+    }
+    #[cfg(feature = "cpu")]
+    if *device == Device::flex() {
+        return dtype == DType::F32;
+    }
+    #[cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda"))]
+    if matches!(device.as_dispatch(), DispatchDevice::Cube(_)) {
+        return matches!(dtype, DType::F32 | DType::F16 | DType::BF16);
+    }
+    let _ = dtype;
+    false
+}
+
+/// Helpers for the CPU backend's kernels.
+#[cfg(feature = "cpu")]
+pub(crate) mod host {
+    use std::borrow::Cow;
+
+    use burn::backend::Flex;
+    use burn::backend::tensor::FloatTensor;
+
+    /// A tensor's values in row-major order, borrowed when they already are.
+    pub fn values<E: burn::tensor::Element + bytemuck::Pod>(t: &FloatTensor<Flex>) -> Cow<'_, [E]> {
+        match t.layout().contiguous_offsets() {
+            Some((start, end)) => Cow::Borrowed(&t.storage::<E>()[start..end]),
+            None => Cow::Owned(t.to_contiguous().storage::<E>().to_vec()),
+        }
+    }
+
+    /// Whether this CPU has AVX2 (checked once). The build targets baseline x86-64 (SSE2, 4 lanes), so the
+    /// kernels' loops are also compiled for AVX2 and chosen at run time.
+    pub fn has_avx2() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            *AVX2.get_or_init(|| std::arch::is_x86_feature_detected!("avx2"))
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+}
