@@ -30,7 +30,7 @@ echo "== cargo test (CPU + wgpu on lavapipe)"
 # lavapipe: software Vulkan, so wgpu tests run without a GPU; one test thread keeps memory and CPU in check.
 LLAVA_MED_REQUIRE_TEST_DATA=1 cargo test --workspace --features llava-med/wgpu -- --test-threads=2
 echo "== cargo test with Burn's fusion backend (our kernels and wgpu parity through fusion)"
-LLAVA_MED_REQUIRE_TEST_DATA=1 cargo test -p llava-med --features wgpu,fusion --lib -- quant:: activation:: --test-threads=2
+LLAVA_MED_REQUIRE_TEST_DATA=1 cargo test -p llava-med --features wgpu,fusion --lib -- quant:: fused:: --test-threads=2
 LLAVA_MED_REQUIRE_TEST_DATA=1 cargo test -p llava-med --features wgpu,fusion --test integration on_wgpu -- --test-threads=2
 echo "== CUDA type-check (DOCS_RS=1 skips the LLVM download burn-cuda's build script needs)"
 DOCS_RS=1 cargo check -p llava-med --no-default-features --features cuda

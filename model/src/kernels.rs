@@ -1,5 +1,5 @@
 //! Where this crate's own kernels run. They are Burn backend extensions (the packed quantised products in
-//! [`crate::quant`], the fused activations in [`crate::activation`]) with an implementation for the CPU
+//! [`crate::quant`], the fused element-wise kernels in [`crate::fused`]) with an implementation for the CPU
 //! backend (Flex) and one for every CubeCL runtime (wgpu, Vulkan, CUDA); any other case takes the generic
 //! tensor-op path written beside each extension.
 

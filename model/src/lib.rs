@@ -4,13 +4,13 @@
 
 #![warn(missing_docs)]
 
-pub mod activation;
 pub mod bench;
 pub mod config;
 pub mod device;
 pub mod embedding;
 pub mod engine;
 pub mod error;
+pub mod fused;
 pub mod generate;
 pub mod imaging;
 pub mod kernels;

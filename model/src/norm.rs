@@ -61,9 +61,6 @@ impl RmsNorm {
 
     /// x / sqrt(mean(x²) + eps) · weight over the last axis.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let dtype = x.dtype();
-        let x32 = x.cast(DType::F32);
-        let rms = (x32.clone().square().mean_dim(D - 1) + self.eps).sqrt();
-        (x32 / rms).cast(dtype) * self.weight.val().unsqueeze()
+        crate::fused::rms_norm::rms_norm(x, self.weight.val(), self.eps)
     }
 }

@@ -55,7 +55,7 @@ impl ClipEncoderLayer {
         let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
         let h = self.fc1.forward(self.layer_norm2.forward(x.clone()));
         let h = if self.quick_gelu {
-            crate::activation::quick_gelu(h)
+            crate::fused::activation::quick_gelu(h)
         } else {
             activation::gelu(h)
         };

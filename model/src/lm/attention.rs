@@ -64,14 +64,8 @@ impl SelfAttention {
             self.num_kv_heads * self.head_dim,
         );
         let qkv = self.qkv_proj.forward(x);
-        let q = rope.apply(
-            split(qkv.clone().narrow(2, 0, q_dim), self.num_heads),
-            offset,
-        );
-        let k = rope.apply(
-            split(qkv.clone().narrow(2, q_dim, kv_dim), self.num_kv_heads),
-            offset,
-        );
+        let q = rope.heads(qkv.clone(), 0, self.num_heads, offset);
+        let k = rope.heads(qkv.clone(), q_dim, self.num_kv_heads, offset);
         let v = split(qkv.narrow(2, q_dim + kv_dim, kv_dim), self.num_kv_heads);
         let (k, v) = cache.append(layer, k, v);
         let total = k.dims()[2];

@@ -3,7 +3,7 @@
 use burn::module::Module;
 use burn::tensor::Tensor;
 
-use crate::activation::silu_mul;
+use crate::fused::activation::silu_mul;
 
 use crate::error::Result;
 use crate::linear::Linear;

@@ -54,26 +54,17 @@ impl Rope {
         self.cos.dims()[0]
     }
 
-    /// Rotates `x` for positions `offset..offset + seq`.
-    ///
-    /// # Shapes
-    /// - x: `[batch, heads, seq, head_dim]`
-    pub fn apply(&self, x: Tensor<4>, offset: usize) -> Tensor<4> {
-        let [_, _, seq, d] = x.dims();
-        let cos = self
-            .cos
-            .clone()
-            .narrow(0, offset, seq)
-            .reshape([1, 1, seq, d]);
-        let sin = self
-            .sin
-            .clone()
-            .narrow(0, offset, seq)
-            .reshape([1, 1, seq, d]);
-        let x1 = x.clone().narrow(3, 0, d / 2);
-        let x2 = x.clone().narrow(3, d / 2, d / 2);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * cos + rotated * sin
+    /// The `heads` heads from column `start` of the fused projection `qkv` `[batch, seq, width]`, rotated
+    /// for positions `offset..offset + seq`: `[batch, heads, seq, head_dim]`.
+    pub fn heads(&self, qkv: Tensor<3>, start: usize, heads: usize, offset: usize) -> Tensor<4> {
+        crate::fused::rope::rope_heads(
+            qkv,
+            self.cos.clone(),
+            self.sin.clone(),
+            start,
+            heads,
+            offset,
+        )
     }
 }
 
@@ -86,11 +77,11 @@ mod tests {
         let device = Device::default();
         let rope = Rope::new(4, 10_000.0, 8, &device, DType::F32);
         // x = (1, 0, 0, 0) at position 3: pair (0, 2) rotates by 3 rad, pair (1, 3) by 3/100 rad.
-        let x = Tensor::<4>::from_data(
-            TensorData::new(vec![1.0f32, 0.0, 0.0, 0.0], [1, 1, 1, 4]),
+        let x = Tensor::<3>::from_data(
+            TensorData::new(vec![1.0f32, 0.0, 0.0, 0.0], [1, 1, 4]),
             &device,
         );
-        let y: Vec<f32> = rope.apply(x, 3).into_data().try_into_vec().unwrap();
+        let y: Vec<f32> = rope.heads(x, 0, 1, 3).into_data().try_into_vec().unwrap();
         let expected = [3f32.cos(), 0.0, 3f32.sin(), 0.0];
         for (a, b) in y.iter().zip(expected) {
             assert!((a - b).abs() < 1e-6, "{y:?}");

@@ -1,18 +1,18 @@
-//! The fused activations on Burn's CPU backend (Flex) ([`super::extension`]): rows in parallel, and an `exp`
-//! written so the compiler vectorises it (the standard library's is a scalar call per value).
+//! The fused kernels on Burn's CPU backend (Flex) ([`super::extension`]): rows in parallel, loops the compiler
+//! vectorises, and an `exp` written for that (the standard library's is a scalar call per value).
 
 use burn::backend::Flex;
 use burn::backend::tensor::FloatTensor;
 use burn::tensor::TensorData;
 use rayon::prelude::*;
 
-use super::extension::ActivationOps;
+use super::extension::FusedOps;
 use crate::kernels::host::{has_avx2, values};
 
 /// Values per parallel task (below it, thread hand-offs cost more than they save).
 const CHUNK: usize = 16 * 1024;
 
-impl ActivationOps for Flex {
+impl FusedOps for Flex {
     fn silu_mul(gate_up: FloatTensor<Self>) -> FloatTensor<Self> {
         let mut shape = gate_up.layout().shape().to_vec();
         let width = shape.last().copied().unwrap_or(0);
@@ -61,6 +61,105 @@ impl ActivationOps for Flex {
             });
         FloatTensor::<Self>::from_data(TensorData::new(out, shape))
     }
+
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
+        let shape = x.layout().shape().to_vec();
+        let d = shape.last().copied().unwrap_or(1).max(1);
+        let (x, weight) = (values::<f32>(&x), values::<f32>(&weight));
+        let mut out = vec![0.0f32; x.len()];
+        let rows_per_task = (CHUNK / d).max(1);
+        out.par_chunks_mut(rows_per_task * d)
+            .zip(x.par_chunks(rows_per_task * d))
+            .for_each(|(out, x)| {
+                for (o, row) in out.chunks_mut(d).zip(x.chunks(d)) {
+                    let inv = 1.0 / (sum_of_squares(row) / d as f32 + eps).sqrt();
+                    for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight.iter()) {
+                        *o = v * inv * w;
+                    }
+                }
+            });
+        FloatTensor::<Self>::from_data(TensorData::new(out, shape))
+    }
+
+    fn rope_heads(
+        qkv: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        start: usize,
+        heads: usize,
+        offset: usize,
+    ) -> FloatTensor<Self> {
+        let dims = qkv.layout().shape().to_vec();
+        let (b, seq, width) = (dims[0], dims[1], dims[2]);
+        let d = cos.layout().shape()[1];
+        let rope = Rotation {
+            qkv: &values::<f32>(&qkv),
+            cos: &values::<f32>(&cos),
+            sin: &values::<f32>(&sin),
+            seq,
+            width,
+            d,
+            start,
+            offset,
+        };
+        let mut out = vec![0.0f32; b * heads * seq * d];
+        // Tasks of whole (batch, head) pairs, each `seq` rows of `head_dim` contiguous in the output; a
+        // decoding step is one task, run on this thread (waking another for a few hundred values cost more
+        // than the work).
+        let per_head = (seq * d).max(1);
+        let heads_per_task = (CHUNK / per_head).max(1);
+        out.par_chunks_mut(heads_per_task * per_head)
+            .enumerate()
+            .for_each(|(task, out)| {
+                for (j, out) in out.chunks_mut(per_head).enumerate() {
+                    let bh = task * heads_per_task + j;
+                    rope.head(bh / heads, bh % heads, out);
+                }
+            });
+        FloatTensor::<Self>::from_data(TensorData::new(out, [b, heads, seq, d]))
+    }
+}
+
+/// The inputs of [`FusedOps::rope_heads`] on the host.
+struct Rotation<'a> {
+    qkv: &'a [f32],
+    cos: &'a [f32],
+    sin: &'a [f32],
+    seq: usize,
+    width: usize,
+    d: usize,
+    start: usize,
+    offset: usize,
+}
+
+impl Rotation<'_> {
+    /// Head `h` of batch `bi`: `out` `[seq, d]`.
+    fn head(&self, bi: usize, h: usize, out: &mut [f32]) {
+        let (d, half) = (self.d, self.d / 2);
+        for (s, o) in out.chunks_mut(d).enumerate() {
+            let x = &self.qkv[(bi * self.seq + s) * self.width + self.start + h * d..][..d];
+            let p = (self.offset + s) * d;
+            let (c, sn) = (&self.cos[p..p + d], &self.sin[p..p + d]);
+            for i in 0..half {
+                o[i] = x[i] * c[i] - x[i + half] * sn[i];
+                o[i + half] = x[i + half] * c[i + half] + x[i] * sn[i + half];
+            }
+        }
+    }
+}
+
+/// Σ v² in 8 independent lanes (one running sum would pin the additions in order and keep the compiler
+/// from vectorising).
+fn sum_of_squares(row: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let chunks = row.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    for c in chunks {
+        for l in 0..8 {
+            lanes[l] += c[l] * c[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 #[inline(always)]
@@ -140,7 +239,7 @@ mod tests {
 
     #[test]
     fn the_portable_and_avx2_builds_agree() {
-        let x = super::super::tests::values(1000);
+        let x = super::super::test_support::values(1000);
         let (mut a, mut b) = (vec![0.0; 500], vec![0.0; 500]);
         silu_mul_row(&x[..500], &x[500..], &mut a);
         #[cfg(target_arch = "x86_64")]

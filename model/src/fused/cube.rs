@@ -1,0 +1,277 @@
+//! The fused kernels for every CubeCL runtime (wgpu/Vulkan, CUDA) ([`super::extension`]): one launch and one
+//! pass each instead of the tensor ops' three to ten, computed in f32 whatever the tensors' type.
+
+use burn::backend::cubecl::dtype_to_storage_type;
+use burn::backend::tensor::FloatTensor;
+use burn::tensor::Shape;
+use burn_cubecl::CubeBackend;
+use burn_cubecl::cubecl::prelude::*;
+use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+
+use super::extension::FusedOps;
+
+/// Units per cube of the RMSNorm kernel (one cube per row).
+const NORM_UNITS: u32 = 256;
+/// Most cubes along one dispatch dimension (WebGPU's guaranteed minimum is 65 535).
+const MAX_CUBES_X: usize = 32_768;
+
+/// `out[r, i] = silu(h[r, i]) · h[r, inner + i]`, one unit per output value.
+#[cube(launch_unchecked)]
+fn silu_mul_kernel<F: Float>(h: &Tensor<F>, out: &mut Tensor<F>, #[define(F)] _dtype: ElemType) {
+    let id = ABSOLUTE_POS;
+    if id >= out.len() {
+        terminate!();
+    }
+    let inner = out.shape(out.rank() - 1);
+    let (row, col) = (id / inner, id % inner);
+    let g = f32::cast_from(h[row * 2 * inner + col]);
+    let u = f32::cast_from(h[row * 2 * inner + inner + col]);
+    out[id] = F::cast_from(g / (1.0 + (-g).exp()) * u);
+}
+
+/// `out[i] = x[i] · sigmoid(1.702 · x[i])`, one unit per value.
+#[cube(launch_unchecked)]
+fn quick_gelu_kernel<F: Float>(x: &Tensor<F>, out: &mut Tensor<F>, #[define(F)] _dtype: ElemType) {
+    let id = ABSOLUTE_POS;
+    if id >= out.len() {
+        terminate!();
+    }
+    let v = f32::cast_from(x[id]);
+    let a = -1.702f32;
+    out[id] = F::cast_from(v / (1.0 + (v * a).exp()));
+}
+
+/// RMSNorm of one row per cube: each unit sums the squares of every `NORM_UNITS`-th value, the cube adds
+/// the parts in shared memory, then each unit scales its values.
+#[cube(launch_unchecked)]
+fn rms_norm_kernel<F: Float>(
+    x: &Tensor<F>,
+    weight: &Tensor<F>,
+    out: &mut Tensor<F>,
+    eps: f32,
+    #[define(F)] _dtype: ElemType,
+) {
+    let d = weight.len();
+    let rows = out.len() / d;
+    let row = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    let u = UNIT_POS_X as usize;
+    let stride = comptime!(NORM_UNITS) as usize;
+    let mut acc = 0.0f32;
+    // Not an early exit: every unit must reach the barriers below.
+    if row < rows {
+        let mut i = u;
+        while i < d {
+            let v = f32::cast_from(x[row * d + i]);
+            acc += v * v;
+            i += stride;
+        }
+    }
+    let mut parts = Shared::<[f32]>::new_slice(NORM_UNITS as usize);
+    parts[u] = acc;
+    sync_cube();
+    #[unroll]
+    for step in 1..comptime!(NORM_UNITS.trailing_zeros() + 1) {
+        let half = comptime!(NORM_UNITS >> step) as usize;
+        if u < half {
+            parts[u] += parts[u + half];
+        }
+        sync_cube();
+    }
+    if row < rows {
+        let inv = 1.0 / (parts[0] / f32::cast_from(d) + eps).sqrt();
+        let mut i = u;
+        while i < d {
+            let v = F::cast_from(f32::cast_from(x[row * d + i]) * inv);
+            out[row * d + i] = v * weight[i];
+            i += stride;
+        }
+    }
+}
+
+/// `out[b, h, s, i]`: value `i` of head `h` from column `start` of `qkv[b, s]`, rotated at position
+/// `offset + s`; one unit per output value.
+#[cube(launch_unchecked)]
+fn rope_kernel<F: Float>(
+    qkv: &Tensor<F>,
+    cos: &Tensor<F>,
+    sin: &Tensor<F>,
+    out: &mut Tensor<F>,
+    start: usize,
+    offset: usize,
+    #[define(F)] _dtype: ElemType,
+) {
+    let id = ABSOLUTE_POS;
+    if id >= out.len() {
+        terminate!();
+    }
+    let (heads, seq, d) = (out.shape(1), out.shape(2), out.shape(3));
+    let i = id % d;
+    let s = (id / d) % seq;
+    let h = (id / (d * seq)) % heads;
+    let b = id / (d * seq * heads);
+    let src = (b * seq + s) * qkv.shape(2) + start + h * d;
+    let half = d / 2;
+    let x = f32::cast_from(qkv[src + i]);
+    let partner = if i < half {
+        -f32::cast_from(qkv[src + i + half])
+    } else {
+        f32::cast_from(qkv[src + i - half])
+    };
+    let p = (offset + s) * d + i;
+    out[id] = F::cast_from(x * f32::cast_from(cos[p]) + partner * f32::cast_from(sin[p]));
+}
+
+impl FusedOps for CubeBackend {
+    fn silu_mul(gate_up: FloatTensor<Self>) -> FloatTensor<Self> {
+        let h = into_contiguous(gate_up);
+        let mut dims = h.meta.shape().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last /= 2;
+        }
+        let out = empty_device_dtype(
+            h.client.clone(),
+            h.device.clone(),
+            Shape::from(dims.clone()),
+            h.dtype,
+        );
+        let units: usize = dims.iter().product();
+        let cube_dim = CubeDim::new(&h.client, units);
+        let count = calculate_cube_count_elemwise(&h.client, units, cube_dim);
+        let dtype = h.dtype;
+        // SAFETY: `h` is contiguous with twice the output's last dimension, so every index read is inside
+        // it; units past the output's length stop first, and each writes only its own value.
+        unsafe {
+            silu_mul_kernel::launch_unchecked(
+                &out.client,
+                count,
+                cube_dim,
+                h.into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                dtype_to_storage_type(dtype),
+            );
+        }
+        out
+    }
+
+    fn quick_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let x = into_contiguous(x);
+        let dims = x.meta.shape().to_vec();
+        let out = empty_device_dtype(
+            x.client.clone(),
+            x.device.clone(),
+            Shape::from(dims.clone()),
+            x.dtype,
+        );
+        let units: usize = dims.iter().product();
+        let cube_dim = CubeDim::new(&x.client, units);
+        let count = calculate_cube_count_elemwise(&x.client, units, cube_dim);
+        let dtype = x.dtype;
+        // SAFETY: input and output are contiguous with the same shape; units past it stop first.
+        unsafe {
+            quick_gelu_kernel::launch_unchecked(
+                &out.client,
+                count,
+                cube_dim,
+                x.into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                dtype_to_storage_type(dtype),
+            );
+        }
+        out
+    }
+
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
+        let (x, weight) = (into_contiguous(x), into_contiguous(weight));
+        let dims = x.meta.shape().to_vec();
+        let d = dims.last().copied().unwrap_or(1).max(1);
+        let rows = dims.iter().product::<usize>() / d;
+        let out = empty_device_dtype(
+            x.client.clone(),
+            x.device.clone(),
+            Shape::from(dims),
+            x.dtype,
+        );
+        let cubes_x = rows.clamp(1, MAX_CUBES_X);
+        let count = CubeCount::Static(cubes_x as u32, rows.div_ceil(cubes_x).max(1) as u32, 1);
+        let dtype = x.dtype;
+        // SAFETY: `x` and the output are contiguous `[rows, d]` and `weight` `[d]`; cubes past the last row
+        // read and write nothing, and each value is written by one unit.
+        unsafe {
+            rms_norm_kernel::launch_unchecked(
+                &out.client,
+                count,
+                CubeDim::new_1d(NORM_UNITS),
+                x.into_tensor_arg(),
+                weight.into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                eps,
+                dtype_to_storage_type(dtype),
+            );
+        }
+        out
+    }
+
+    fn rope_heads(
+        qkv: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        start: usize,
+        heads: usize,
+        offset: usize,
+    ) -> FloatTensor<Self> {
+        let (qkv, cos, sin) = (
+            into_contiguous(qkv),
+            into_contiguous(cos),
+            into_contiguous(sin),
+        );
+        let q = qkv.meta.shape().to_vec();
+        let d = cos.meta.shape()[1];
+        let out = empty_device_dtype(
+            qkv.client.clone(),
+            qkv.device.clone(),
+            Shape::new([q[0], heads, q[1], d]),
+            qkv.dtype,
+        );
+        let units = q[0] * heads * q[1] * d;
+        let cube_dim = CubeDim::new(&qkv.client, units);
+        let count = calculate_cube_count_elemwise(&qkv.client, units, cube_dim);
+        let dtype = qkv.dtype;
+        // SAFETY: the caller's heads lie inside `qkv`'s rows (`start + heads · d ≤ w`) and the positions
+        // inside the tables (`offset + s` < positions, as the KV cache's room check guarantees); units
+        // past the output stop first and each writes only its own value.
+        unsafe {
+            rope_kernel::launch_unchecked(
+                &out.client,
+                count,
+                cube_dim,
+                qkv.into_tensor_arg(),
+                cos.into_tensor_arg(),
+                sin.into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                start,
+                offset,
+                dtype_to_storage_type(dtype),
+            );
+        }
+        out
+    }
+}
+
+#[cfg(all(test, feature = "wgpu"))]
+mod tests {
+    use burn::tensor::{DType, Device, DeviceKind};
+
+    use super::super::{activation, rms_norm, rope};
+
+    #[test]
+    fn kernels_match_the_tensor_ops_on_wgpu() {
+        let gpu = Device::wgpu(DeviceKind::DefaultDevice);
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::F16, 4e-3)] {
+            activation::tests::check_against_reference(&gpu, dtype, tol);
+            rms_norm::tests::check_against_reference(&gpu, dtype, tol);
+            rope::tests::check_against_reference(&gpu, dtype, tol);
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! The fused kernels as a Burn backend extension, so each backend runs its own: the CPU backend (Flex,
+//! [`super::cpu`]) and every CubeCL runtime (wgpu, Vulkan, CUDA: [`super::cube`]). Callers go through the
+//! functions in [`super::activation`], [`super::rms_norm`] and [`super::rope`], which check
+//! [`crate::kernels::applies`] first.
+
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Dispatch, backend_extension};
+#[cfg(feature = "fusion")]
+use burn::tensor::Shape;
+use burn::tensor::Tensor;
+
+/// One-pass element-wise and per-row operations (see [`super`]).
+#[backend_extension(
+    Flex: cfg(feature = "cpu"),
+    Cube: cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda")),
+    Fusion: cfg(feature = "fusion")
+)]
+pub trait FusedOps: burn::backend::Backend {
+    /// `silu(gate) · up` for `gate_up` `[.., 2 · inner]`: `[.., inner]`, in the input's type.
+    #[fusion(dtype = gate_up, shape = half_last(gate_up))]
+    fn silu_mul(gate_up: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// `x · sigmoid(1.702 · x)`, same shape and type.
+    #[fusion(dtype = x, shape = x)]
+    fn quick_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// RMSNorm over the last dimension with `weight` `[d]` (same type as `x`).
+    #[fusion(dtype = x, shape = x)]
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f32) -> FloatTensor<Self>;
+
+    /// `heads` heads from column `start` of `qkv` `[b, s, w]`, rotated at positions `offset..` with
+    /// `cos`, `sin` `[positions, head_dim]`: `[b, heads, s, head_dim]`.
+    #[fusion(dtype = qkv, shape = heads_shape(qkv, cos, heads))]
+    fn rope_heads(
+        qkv: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        start: usize,
+        heads: usize,
+        offset: usize,
+    ) -> FloatTensor<Self>;
+}
+
+/// The shape with its last dimension halved (declared to the fusion backend).
+#[cfg(feature = "fusion")]
+fn half_last(shape: &Shape) -> Shape {
+    let mut dims = shape.to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last /= 2;
+    }
+    Shape::from(dims)
+}
+
+/// `[b, heads, s, head_dim]` for `qkv` `[b, s, w]` and tables `[positions, head_dim]` (declared to the
+/// fusion backend).
+#[cfg(feature = "fusion")]
+fn heads_shape(qkv: &Shape, table: &Shape, heads: usize) -> Shape {
+    Shape::new([qkv[0], heads, qkv[1], table[1]])
+}
+
+/// [`FusedOps::silu_mul`] on a tensor.
+pub fn silu_mul<const D: usize>(gate_up: Tensor<D>) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::silu_mul(gate_up.into_dispatch()))
+}
+
+/// [`FusedOps::quick_gelu`] on a tensor.
+pub fn quick_gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::quick_gelu(x.into_dispatch()))
+}
+
+/// [`FusedOps::rms_norm`] on a tensor.
+pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f32) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::rms_norm(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        eps,
+    ))
+}
+
+/// [`FusedOps::rope_heads`] on tensors.
+pub fn rope_heads(
+    qkv: Tensor<3>,
+    cos: Tensor<2>,
+    sin: Tensor<2>,
+    start: usize,
+    heads: usize,
+    offset: usize,
+) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::rope_heads(
+        qkv.into_dispatch(),
+        cos.into_dispatch(),
+        sin.into_dispatch(),
+        start,
+        heads,
+        offset,
+    ))
+}
