@@ -30,7 +30,7 @@ pub trait FusedOps: burn::backend::Backend {
 
     /// `heads` heads from column `start` of `qkv` `[b, s, w]`, rotated at positions `offset..` with
     /// `cos`, `sin` `[positions, head_dim]`: `[b, heads, s, head_dim]`.
-    #[fusion(dtype = qkv, shape = heads_shape(qkv, cos, heads))]
+    #[fusion(dtype = qkv, shape = heads_shape(qkv, cos, *heads))]
     fn rope_heads(
         qkv: FloatTensor<Self>,
         cos: FloatTensor<Self>,
