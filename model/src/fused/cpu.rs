@@ -118,6 +118,101 @@ impl FusedOps for Flex {
             });
         FloatTensor::<Self>::from_data(TensorData::new(out, [b, heads, seq, d]))
     }
+
+    fn decode_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        len: usize,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        let (qd, kd) = (q.layout().shape().to_vec(), k.layout().shape().to_vec());
+        let (b, heads, d) = (qd[0], qd[1], qd[3]);
+        let attention = DecodeAttention {
+            q: &values::<f32>(&q),
+            k: &values::<f32>(&k),
+            v: &values::<f32>(&v),
+            heads,
+            kv_heads: kd[1],
+            capacity: kd[2],
+            d,
+            len,
+            scale,
+        };
+        let mut out = vec![0.0f32; b * heads * d];
+        // Heads in parallel only when there is enough to share: tasks of at least 64 Ki cached values (a
+        // short cache is one task on this thread; waking the other threads costs more than it saves).
+        let heads_per_task = ((4 * CHUNK) / (len * d).max(1)).max(1);
+        out.par_chunks_mut(heads_per_task * d)
+            .enumerate()
+            .for_each(|(task, out)| {
+                for (j, out) in out.chunks_mut(d).enumerate() {
+                    attention.head(task * heads_per_task + j, out);
+                }
+            });
+        FloatTensor::<Self>::from_data(TensorData::new(out, [b, 1, heads * d]))
+    }
+}
+
+/// The inputs of [`FusedOps::decode_attention`] on the host.
+struct DecodeAttention<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    heads: usize,
+    kv_heads: usize,
+    capacity: usize,
+    d: usize,
+    len: usize,
+    scale: f32,
+}
+
+impl DecodeAttention<'_> {
+    /// Query head `bh` (batch-major): `out` `[d]`.
+    fn head(&self, bh: usize, out: &mut [f32]) {
+        let d = self.d;
+        let (bi, h) = (bh / self.heads, bh % self.heads);
+        let kv = h / (self.heads / self.kv_heads);
+        let base = (bi * self.kv_heads + kv) * self.capacity * d;
+        let q = &self.q[bh * d..][..d];
+        let mut scores: Vec<f32> = (0..self.len)
+            .map(|j| dot(q, &self.k[base + j * d..][..d]) * self.scale)
+            .collect();
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let mut sum = 0.0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        out.fill(0.0);
+        for (j, &p) in scores.iter().enumerate() {
+            let row = &self.v[base + j * d..][..d];
+            for (o, &x) in out.iter_mut().zip(row) {
+                *o += p * x;
+            }
+        }
+        for o in out.iter_mut() {
+            *o /= sum;
+        }
+    }
+}
+
+/// Σ a·b in 8 independent lanes.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// The inputs of [`FusedOps::rope_heads`] on the host.

@@ -14,6 +14,11 @@ use super::extension::FusedOps;
 
 /// Units per cube of the RMSNorm kernel (one cube per row).
 const NORM_UNITS: u32 = 256;
+/// Units per cube of the decode attention kernel (one cube per query head; one unit per head dimension
+/// when summing the values).
+const ATTENTION_UNITS: u32 = 256;
+/// Cache positions whose scores a cube holds in shared memory at once (4 KiB).
+const ATTENTION_CHUNK: u32 = 1024;
 /// Most cubes along one dispatch dimension (WebGPU's guaranteed minimum is 65 535).
 const MAX_CUBES_X: usize = 32_768;
 
@@ -121,6 +126,105 @@ fn rope_kernel<F: Float>(
     };
     let p = (offset + s) * d + i;
     out[id] = F::cast_from(x * f32::cast_from(cos[p]) + partner * f32::cast_from(sin[p]));
+}
+
+/// Attention of one position for one query head per cube, over the cache in chunks of `ATTENTION_CHUNK`
+/// positions with a running maximum and sum (online softmax): the units score positions into shared
+/// memory, reduce the chunk's maximum and sum there, then unit `i` adds the chunk's weighted values of
+/// dimension `i`.
+#[cube(launch_unchecked)]
+fn decode_attention_kernel<F: Float>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    out: &mut Tensor<F>,
+    len: usize,
+    scale: f32,
+    #[define(F)] _dtype: ElemType,
+) {
+    let (heads, d) = (q.shape(1), q.shape(3));
+    let (kv_heads, capacity) = (k.shape(1), k.shape(2));
+    let bh = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    let (bi, h) = (bh / heads, bh % heads);
+    let kv = h / (heads / kv_heads);
+    let base = (bi * kv_heads + kv) * capacity * d;
+    let qb = bh * d;
+    let u = UNIT_POS_X as usize;
+    let units = comptime!(ATTENTION_UNITS) as usize;
+    let chunk = comptime!(ATTENTION_CHUNK) as usize;
+    let mut scores = Shared::<[f32]>::new_slice(ATTENTION_CHUNK as usize);
+    let mut parts = Shared::<[f32]>::new_slice(ATTENTION_UNITS as usize);
+    let mut m = f32::new(-3.0e38);
+    let mut l = 0.0f32;
+    let mut acc = 0.0f32;
+    let mut c0 = 0usize;
+    while c0 < len {
+        let n = min(len - c0, chunk);
+        let mut local_max = f32::new(-3.0e38);
+        let mut j = u;
+        while j < n {
+            let kr = base + (c0 + j) * d;
+            let mut s = 0.0f32;
+            let mut i = 0usize;
+            while i < d {
+                s += f32::cast_from(q[qb + i]) * f32::cast_from(k[kr + i]);
+                i += 1;
+            }
+            s *= scale;
+            scores[j] = s;
+            local_max = max(local_max, s);
+            j += units;
+        }
+        parts[u] = local_max;
+        sync_cube();
+        #[unroll]
+        for step in 1..comptime!(ATTENTION_UNITS.trailing_zeros() + 1) {
+            let half = comptime!(ATTENTION_UNITS >> step) as usize;
+            if u < half {
+                parts[u] = max(parts[u], parts[u + half]);
+            }
+            sync_cube();
+        }
+        let new_m = max(m, parts[0]);
+        // Everyone has read the maximum before `parts` is reused.
+        sync_cube();
+        let correction = (m - new_m).exp();
+        let mut local_sum = 0.0f32;
+        let mut j = u;
+        while j < n {
+            let p = (scores[j] - new_m).exp();
+            scores[j] = p;
+            local_sum += p;
+            j += units;
+        }
+        parts[u] = local_sum;
+        sync_cube();
+        #[unroll]
+        for step in 1..comptime!(ATTENTION_UNITS.trailing_zeros() + 1) {
+            let half = comptime!(ATTENTION_UNITS >> step) as usize;
+            if u < half {
+                parts[u] += parts[u + half];
+            }
+            sync_cube();
+        }
+        l = l * correction + parts[0];
+        m = new_m;
+        if u < d {
+            let mut a = acc * correction;
+            let mut jj = 0usize;
+            while jj < n {
+                a += scores[jj] * f32::cast_from(v[base + (c0 + jj) * d + u]);
+                jj += 1;
+            }
+            acc = a;
+        }
+        // The chunk's scores and sums are read before the next chunk overwrites them.
+        sync_cube();
+        c0 += chunk;
+    }
+    if u < d {
+        out[qb + u] = F::cast_from(acc / l);
+    }
 }
 
 impl FusedOps for CubeBackend {
@@ -257,13 +361,53 @@ impl FusedOps for CubeBackend {
         }
         out
     }
+
+    fn decode_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        len: usize,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
+        let qd = q.meta.shape().to_vec();
+        let (b, heads, d) = (qd[0], qd[1], qd[3]);
+        let out = empty_device_dtype(
+            q.client.clone(),
+            q.device.clone(),
+            Shape::new([b, 1, heads * d]),
+            q.dtype,
+        );
+        let cubes = b * heads;
+        let cubes_x = cubes.clamp(1, MAX_CUBES_X);
+        let count = CubeCount::Static(cubes_x as u32, cubes.div_ceil(cubes_x).max(1) as u32, 1);
+        let dtype = q.dtype;
+        // SAFETY: `decode_attention` checked the shapes (`k`, `v` `[b, kv_heads, capacity, d]` with
+        // `heads` a multiple of `kv_heads`, `len` ≤ capacity, `d` ≤ the cube's units); one cube per query
+        // head, each writing only that head's `d` values.
+        unsafe {
+            decode_attention_kernel::launch_unchecked(
+                &out.client,
+                count,
+                CubeDim::new_1d(ATTENTION_UNITS),
+                q.into_tensor_arg(),
+                k.into_tensor_arg(),
+                v.into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                len,
+                scale,
+                dtype_to_storage_type(dtype),
+            );
+        }
+        out
+    }
 }
 
 #[cfg(all(test, feature = "wgpu"))]
 mod tests {
     use burn::tensor::{DType, Device, DeviceKind};
 
-    use super::super::{activation, rms_norm, rope};
+    use super::super::{activation, attention, rms_norm, rope};
 
     #[test]
     fn kernels_match_the_tensor_ops_on_wgpu() {
@@ -272,6 +416,7 @@ mod tests {
             activation::tests::check_against_reference(&gpu, dtype, tol);
             rms_norm::tests::check_against_reference(&gpu, dtype, tol);
             rope::tests::check_against_reference(&gpu, dtype, tol);
+            attention::tests::check_against_reference(&gpu, dtype, tol);
         }
     }
 }

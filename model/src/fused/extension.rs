@@ -1,13 +1,16 @@
 //! The fused kernels as a Burn backend extension, so each backend runs its own: the CPU backend (Flex,
 //! [`super::cpu`]) and every CubeCL runtime (wgpu, Vulkan, CUDA: [`super::cube`]). Callers go through the
-//! functions in [`super::activation`], [`super::rms_norm`] and [`super::rope`], which check
-//! [`crate::kernels::applies`] first.
+//! functions in [`super::activation`], [`super::rms_norm`], [`super::rope`] and [`super::attention`], which
+//! check [`crate::kernels::applies`] first.
 
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Dispatch, backend_extension};
 #[cfg(feature = "fusion")]
 use burn::tensor::Shape;
 use burn::tensor::Tensor;
+
+/// Largest head dimension [`FusedOps::decode_attention`] takes.
+pub const ATTENTION_MAX_HEAD_DIM: usize = 256;
 
 /// One-pass element-wise and per-row operations (see [`super`]).
 #[backend_extension(
@@ -39,6 +42,17 @@ pub trait FusedOps: burn::backend::Backend {
         heads: usize,
         offset: usize,
     ) -> FloatTensor<Self>;
+
+    /// Attention of one position `q` `[b, heads, 1, d]` over the first `len` positions of the caches `k`,
+    /// `v` `[b, kv_heads, capacity, d]`: `[b, 1, heads · d]`.
+    #[fusion(dtype = q, shape = decode_shape(q))]
+    fn decode_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        len: usize,
+        scale: f32,
+    ) -> FloatTensor<Self>;
 }
 
 /// The shape with its last dimension halved (declared to the fusion backend).
@@ -56,6 +70,12 @@ fn half_last(shape: &Shape) -> Shape {
 #[cfg(feature = "fusion")]
 fn heads_shape(qkv: &Shape, table: &Shape, heads: usize) -> Shape {
     Shape::new([qkv[0], heads, qkv[1], table[1]])
+}
+
+/// `[b, 1, heads · d]` for `q` `[b, heads, 1, d]` (declared to the fusion backend).
+#[cfg(feature = "fusion")]
+fn decode_shape(q: &Shape) -> Shape {
+    Shape::new([q[0], 1, q[1] * q[3]])
 }
 
 /// [`FusedOps::silu_mul`] on a tensor.
@@ -93,5 +113,22 @@ pub fn rope_heads(
         start,
         heads,
         offset,
+    ))
+}
+
+/// [`FusedOps::decode_attention`] on tensors.
+pub fn decode_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    len: usize,
+    scale: f32,
+) -> Tensor<3> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::decode_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        len,
+        scale,
     ))
 }

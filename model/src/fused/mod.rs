@@ -1,6 +1,6 @@
 //! The element-wise and per-row parts of the model as single kernels: SwiGLU's `silu(gate) · up` and CLIP's
-//! `quick_gelu` ([`activation`]), RMSNorm ([`rms_norm`]) and the rotary embedding taken straight out of the
-//! fused q/k/v projection ([`rope`]). As generic tensor ops each is three to ten passes and launches (slices,
+//! `quick_gelu` ([`activation`]), RMSNorm ([`rms_norm`]), the rotary embedding taken straight out of the
+//! fused q/k/v projection ([`rope`]) and a decoding step's attention over the KV cache ([`attention`]). As generic tensor ops each is three to ten passes and launches (slices,
 //! casts, reductions, products, a copy to lay heads out), which on a GPU decoding one token at a time is
 //! mostly launch overhead, and on the CPU backend the sigmoid is a scalar single-threaded loop. One backend
 //! extension ([`extension`]) holds them, with kernels for the CPU backend ([`cpu`]) and for CubeCL runtimes
@@ -8,6 +8,7 @@
 //! ops written beside each function, which the tests hold the kernels to.
 
 pub mod activation;
+pub mod attention;
 #[cfg(feature = "cpu")]
 pub mod cpu;
 #[cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda"))]

@@ -3,12 +3,13 @@
 use burn::module::Module;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, DType, Int, Tensor};
+use burn::tensor::{Bool, Int, Tensor};
 
 use super::kv_cache::KvCache;
 use super::rope::Rope;
 use crate::config::TextConfig;
 use crate::error::Result;
+use crate::fused::attention::decode_attention;
 use crate::linear::Linear;
 use crate::weights::WeightLoader;
 
@@ -67,9 +68,16 @@ impl SelfAttention {
         let q = rope.heads(qkv.clone(), 0, self.num_heads, offset);
         let k = rope.heads(qkv.clone(), q_dim, self.num_kv_heads, offset);
         let v = split(qkv.narrow(2, q_dim + kv_dim, kv_dim), self.num_kv_heads);
-        let (k, v) = cache.append(layer, k, v);
-        let total = k.dims()[2];
+        let total = offset + seq;
         let windowed = self.sliding_window.is_some_and(|w| total > w);
+        if seq == 1 && !windowed {
+            // One new position sees every cached key: softmax(q·kᵀ/√d)·v in one pass over the cache where
+            // it lies, the heads side by side as the output projection takes them (`fused::attention`).
+            let (k, v) = cache.append_whole(layer, k, v);
+            let scale = (self.head_dim as f32).powf(-0.5);
+            return self.o_proj.forward(decode_attention(q, k, v, total, scale));
+        }
+        let (k, v) = cache.append(layer, k, v);
         let out = if windowed {
             let mask = window_mask(
                 seq,
@@ -81,20 +89,6 @@ impl SelfAttention {
             .expand([b, self.num_heads, seq, total]);
             let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
             attention(q, k, v, Some(mask), None, AttentionModuleOptions::default())
-        } else if seq == 1 {
-            // One new position sees every cached key: plain softmax(q·kᵀ/√d)·v. Two matrix products read
-            // the cache where it lies (the fused kernel copied the strided cache view first, which made
-            // decoding at long contexts twice as slow), and the query heads of one KV head go in as rows
-            // of one product, so grouped-query attention never copies the cache once per query head.
-            let groups = self.num_heads / self.num_kv_heads;
-            let q = q.reshape([b, self.num_kv_heads, groups, self.head_dim]);
-            let scale = (self.head_dim as f64).powf(-0.5);
-            let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
-            let probs =
-                burn::tensor::activation::softmax(scores.cast(DType::F32), 3).cast(v.dtype());
-            probs
-                .matmul(v)
-                .reshape([b, self.num_heads, 1, self.head_dim])
         } else {
             // Causal with the diagonal aligned bottom-right, which is right for a cached prefix too.
             let options = AttentionModuleOptions {

@@ -87,6 +87,20 @@ impl KvCache {
     /// Writes layer `layer`'s new keys/values at the current end and returns all cached ones (new included).
     /// The caller advances the length with [`KvCache::advance`] once every layer is written.
     pub fn append(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        let end = self.len + k.dims()[2];
+        let (k, v) = self.append_whole(layer, k, v);
+        (k.narrow(2, 0, end), v.narrow(2, 0, end))
+    }
+
+    /// [`KvCache::append`] returning the whole `[batch, kv_heads, capacity, head_dim]` buffers, of which the
+    /// first `len() + seq` positions are filled: what a kernel that takes the length as a number reads
+    /// without a copy of the filled part.
+    pub fn append_whole(
+        &mut self,
+        layer: usize,
+        k: Tensor<4>,
+        v: Tensor<4>,
+    ) -> (Tensor<4>, Tensor<4>) {
         let [b, h, seq, d] = k.dims();
         let (start, end) = (self.len, self.len + seq);
         let entry = &mut self.layers[layer];
@@ -95,10 +109,7 @@ impl KvCache {
         entry.k = kc.slice_assign([0..b, 0..h, start..end, 0..d], k);
         let vc = std::mem::replace(&mut entry.v, v.clone());
         entry.v = vc.slice_assign([0..b, 0..h, start..end, 0..d], v);
-        (
-            entry.k.clone().narrow(2, 0, end),
-            entry.v.clone().narrow(2, 0, end),
-        )
+        (entry.k.clone(), entry.v.clone())
     }
 
     /// Marks `seq` more positions as filled.
