@@ -63,4 +63,13 @@ impl RmsNorm {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         crate::fused::rms_norm::rms_norm(x, self.weight.val(), self.eps)
     }
+
+    /// The residual stream `x + delta` and its normalisation, in one pass.
+    pub fn forward_residual<const D: usize>(
+        &self,
+        x: Tensor<D>,
+        delta: Tensor<D>,
+    ) -> (Tensor<D>, Tensor<D>) {
+        crate::fused::rms_norm::add_rms_norm(x, delta, self.weight.val(), self.eps)
+    }
 }

@@ -70,15 +70,35 @@ impl FusedOps for Flex {
         let rows_per_task = (CHUNK / d).max(1);
         out.par_chunks_mut(rows_per_task * d)
             .zip(x.par_chunks(rows_per_task * d))
-            .for_each(|(out, x)| {
-                for (o, row) in out.chunks_mut(d).zip(x.chunks(d)) {
-                    let inv = 1.0 / (sum_of_squares(row) / d as f32 + eps).sqrt();
-                    for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight.iter()) {
-                        *o = v * inv * w;
-                    }
-                }
-            });
+            .for_each(|(out, x)| normalise_rows(x, &weight, eps, d, out));
         FloatTensor::<Self>::from_data(TensorData::new(out, shape))
+    }
+
+    fn add_rms_norm(
+        x: FloatTensor<Self>,
+        delta: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let shape = x.layout().shape().to_vec();
+        let d = shape.last().copied().unwrap_or(1).max(1);
+        let (x, delta, weight) = (
+            values::<f32>(&x),
+            values::<f32>(&delta),
+            values::<f32>(&weight),
+        );
+        let sum: Vec<f32> = x.iter().zip(delta.iter()).map(|(a, b)| a + b).collect();
+        let mut normed = vec![0.0f32; sum.len()];
+        let rows_per_task = (CHUNK / d).max(1);
+        normed
+            .par_chunks_mut(rows_per_task * d)
+            .zip(sum.par_chunks(rows_per_task * d))
+            .for_each(|(out, rows)| normalise_rows(rows, &weight, eps, d, out));
+        let sum = FloatTensor::<Self>::from_data(TensorData::new(sum, shape.clone()));
+        (
+            sum,
+            FloatTensor::<Self>::from_data(TensorData::new(normed, shape)),
+        )
     }
 
     fn rope_heads(
@@ -239,6 +259,16 @@ impl Rotation<'_> {
                 o[i] = x[i] * c[i] - x[i + half] * sn[i];
                 o[i + half] = x[i + half] * c[i + half] + x[i] * sn[i + half];
             }
+        }
+    }
+}
+
+/// RMSNorm of the rows of width `d` in `x` into `out`.
+fn normalise_rows(x: &[f32], weight: &[f32], eps: f32, d: usize, out: &mut [f32]) {
+    for (o, row) in out.chunks_mut(d).zip(x.chunks(d)) {
+        let inv = 1.0 / (sum_of_squares(row) / d as f32 + eps).sqrt();
+        for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
+            *o = v * inv * w;
         }
     }
 }

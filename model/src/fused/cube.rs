@@ -48,8 +48,26 @@ fn quick_gelu_kernel<F: Float>(x: &Tensor<F>, out: &mut Tensor<F>, #[define(F)] 
     out[id] = F::cast_from(v / (1.0 + (v * a).exp()));
 }
 
+/// The sum of `value` over the cube's `NORM_UNITS` units, returned to every unit (a tree in shared memory).
+#[cube]
+fn cube_sum(value: f32) -> f32 {
+    let u = UNIT_POS_X as usize;
+    let mut parts = Shared::<[f32]>::new_slice(NORM_UNITS as usize);
+    parts[u] = value;
+    sync_cube();
+    #[unroll]
+    for step in 1..comptime!(NORM_UNITS.trailing_zeros() + 1) {
+        let half = comptime!(NORM_UNITS >> step) as usize;
+        if u < half {
+            parts[u] += parts[u + half];
+        }
+        sync_cube();
+    }
+    parts[0]
+}
+
 /// RMSNorm of one row per cube: each unit sums the squares of every `NORM_UNITS`-th value, the cube adds
-/// the parts in shared memory, then each unit scales its values.
+/// the parts, then each unit scales its values.
 #[cube(launch_unchecked)]
 fn rms_norm_kernel<F: Float>(
     x: &Tensor<F>,
@@ -61,34 +79,62 @@ fn rms_norm_kernel<F: Float>(
     let d = weight.len();
     let rows = out.len() / d;
     let row = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
-    let u = UNIT_POS_X as usize;
     let stride = comptime!(NORM_UNITS) as usize;
     let mut acc = 0.0f32;
-    // Not an early exit: every unit must reach the barriers below.
+    // Not an early exit: every unit must reach the barriers in `cube_sum`.
     if row < rows {
-        let mut i = u;
+        let mut i = UNIT_POS_X as usize;
         while i < d {
             let v = f32::cast_from(x[row * d + i]);
             acc += v * v;
             i += stride;
         }
     }
-    let mut parts = Shared::<[f32]>::new_slice(NORM_UNITS as usize);
-    parts[u] = acc;
-    sync_cube();
-    #[unroll]
-    for step in 1..comptime!(NORM_UNITS.trailing_zeros() + 1) {
-        let half = comptime!(NORM_UNITS >> step) as usize;
-        if u < half {
-            parts[u] += parts[u + half];
-        }
-        sync_cube();
-    }
+    let total = cube_sum(acc);
     if row < rows {
-        let inv = 1.0 / (parts[0] / f32::cast_from(d) + eps).sqrt();
-        let mut i = u;
+        let inv = 1.0 / (total / f32::cast_from(d) + eps).sqrt();
+        let mut i = UNIT_POS_X as usize;
         while i < d {
             let v = F::cast_from(f32::cast_from(x[row * d + i]) * inv);
+            out[row * d + i] = v * weight[i];
+            i += stride;
+        }
+    }
+}
+
+/// [`rms_norm_kernel`] of `x + delta`, which it also writes to `sum`.
+#[cube(launch_unchecked)]
+fn add_rms_norm_kernel<F: Float>(
+    x: &Tensor<F>,
+    delta: &Tensor<F>,
+    weight: &Tensor<F>,
+    sum: &mut Tensor<F>,
+    out: &mut Tensor<F>,
+    eps: f32,
+    #[define(F)] _dtype: ElemType,
+) {
+    let d = weight.len();
+    let rows = out.len() / d;
+    let row = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    let stride = comptime!(NORM_UNITS) as usize;
+    let mut acc = 0.0f32;
+    if row < rows {
+        let mut i = UNIT_POS_X as usize;
+        while i < d {
+            // The sum in the tensors' type, as `x + delta` in tensor ops would store it.
+            let s = x[row * d + i] + delta[row * d + i];
+            sum[row * d + i] = s;
+            let v = f32::cast_from(s);
+            acc += v * v;
+            i += stride;
+        }
+    }
+    let total = cube_sum(acc);
+    if row < rows {
+        let inv = 1.0 / (total / f32::cast_from(d) + eps).sqrt();
+        let mut i = UNIT_POS_X as usize;
+        while i < d {
+            let v = F::cast_from(f32::cast_from(sum[row * d + i]) * inv);
             out[row * d + i] = v * weight[i];
             i += stride;
         }
@@ -315,6 +361,50 @@ impl FusedOps for CubeBackend {
             );
         }
         out
+    }
+
+    fn add_rms_norm(
+        x: FloatTensor<Self>,
+        delta: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (x, delta, weight) = (
+            into_contiguous(x),
+            into_contiguous(delta),
+            into_contiguous(weight),
+        );
+        let dims = x.meta.shape().to_vec();
+        let d = dims.last().copied().unwrap_or(1).max(1);
+        let rows = dims.iter().product::<usize>() / d;
+        let new = || {
+            empty_device_dtype(
+                x.client.clone(),
+                x.device.clone(),
+                Shape::from(dims.clone()),
+                x.dtype,
+            )
+        };
+        let (sum, out) = (new(), new());
+        let cubes_x = rows.clamp(1, MAX_CUBES_X);
+        let count = CubeCount::Static(cubes_x as u32, rows.div_ceil(cubes_x).max(1) as u32, 1);
+        let dtype = x.dtype;
+        // SAFETY: as for `rms_norm`, with `delta` and `sum` the same shape as `x` (checked by the caller).
+        unsafe {
+            add_rms_norm_kernel::launch_unchecked(
+                &out.client,
+                count,
+                CubeDim::new_1d(NORM_UNITS),
+                x.into_tensor_arg(),
+                delta.into_tensor_arg(),
+                weight.into_tensor_arg(),
+                sum.clone().into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                eps,
+                dtype_to_storage_type(dtype),
+            );
+        }
+        (sum, out)
     }
 
     fn rope_heads(

@@ -31,6 +31,15 @@ pub trait FusedOps: burn::backend::Backend {
     #[fusion(dtype = x, shape = x)]
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f32) -> FloatTensor<Self>;
 
+    /// `x + delta` and its RMSNorm with `weight` `[d]` (all one type).
+    #[fusion(meta = |x, _delta, _weight, _eps| (x.clone(), x.clone()))]
+    fn add_rms_norm(
+        x: FloatTensor<Self>,
+        delta: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
     /// `heads` heads from column `start` of `qkv` `[b, s, w]`, rotated at positions `offset..` with
     /// `cos`, `sin` `[positions, head_dim]`: `[b, heads, s, head_dim]`.
     #[fusion(dtype = qkv, shape = heads_shape(qkv, cos, *heads))]
@@ -95,6 +104,22 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f32) -> Te
         weight.into_dispatch(),
         eps,
     ))
+}
+
+/// [`FusedOps::add_rms_norm`] on tensors.
+pub fn add_rms_norm<const D: usize>(
+    x: Tensor<D>,
+    delta: Tensor<D>,
+    weight: Tensor<1>,
+    eps: f32,
+) -> (Tensor<D>, Tensor<D>) {
+    let (sum, normed) = <Dispatch as FusedOps>::add_rms_norm(
+        x.into_dispatch(),
+        delta.into_dispatch(),
+        weight.into_dispatch(),
+        eps,
+    );
+    (Tensor::from_dispatch(sum), Tensor::from_dispatch(normed))
 }
 
 /// [`FusedOps::rope_heads`] on tensors.

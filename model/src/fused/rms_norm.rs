@@ -1,5 +1,5 @@
 //! RMSNorm in one pass per row: `x / sqrt(mean(x²) + eps)` in f32, back to the input's type, times the
-//! weight (Hugging Face's `LlamaRMSNorm` order).
+//! weight (Hugging Face's `LlamaRMSNorm` order); and the residual sum before it in the same pass.
 
 use burn::tensor::{DType, Tensor};
 
@@ -12,6 +12,25 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f64) -> Te
         return extension::rms_norm(x, weight, eps as f32);
     }
     reference(x, weight, eps)
+}
+
+/// `x + delta` (the residual stream after a block) and its RMSNorm with `weight`, in one pass.
+pub fn add_rms_norm<const D: usize>(
+    x: Tensor<D>,
+    delta: Tensor<D>,
+    weight: Tensor<1>,
+    eps: f64,
+) -> (Tensor<D>, Tensor<D>) {
+    let dtype = x.dtype();
+    if kernels::applies(&x.device(), dtype)
+        && delta.dtype() == dtype
+        && weight.dtype() == dtype
+        && x.dims() == delta.dims()
+    {
+        return extension::add_rms_norm(x, delta, weight, eps as f32);
+    }
+    let sum = x + delta;
+    (sum.clone(), reference(sum, weight, eps))
 }
 
 /// [`rms_norm`] as generic tensor ops.
@@ -40,6 +59,20 @@ pub(crate) mod tests {
                     .cast(dtype)
                     / 10.0;
             let name = format!("rms_norm {rows}×{d}, {dtype:?}");
+            let delta = (x.clone() * 0.37).flip([1]);
+            let (sum, normed) = add_rms_norm(x.clone(), delta.clone(), w.clone(), 1e-5);
+            assert_close(
+                &format!("{name}, residual sum"),
+                sum,
+                x.clone() + delta.clone(),
+                tol,
+            );
+            assert_close(
+                &format!("{name}, after the residual"),
+                normed,
+                reference(x.clone() + delta, w.clone(), 1e-5),
+                tol,
+            );
             assert_close(
                 &name,
                 rms_norm(x.clone(), w.clone(), 1e-5),

@@ -31,12 +31,20 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn forward(&self, x: Tensor<3>, rope: &Rope, cache: &mut KvCache, layer: usize) -> Tensor<3> {
-        let x = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), rope, cache, layer);
-        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
+    /// The layer over the residual stream `x`, given `h`, its input normalisation; returns the new stream
+    /// and its normalisation by `next` (the next layer's input norm, or the final one), so each residual
+    /// sum and the norm after it are one pass.
+    fn forward(
+        &self,
+        (x, h): (Tensor<3>, Tensor<3>),
+        next: &RmsNorm,
+        rope: &Rope,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> (Tensor<3>, Tensor<3>) {
+        let attended = self.self_attn.forward(h, rope, cache, layer);
+        let (x, h) = self.post_attention_layernorm.forward_residual(x, attended);
+        next.forward_residual(x, self.mlp.forward(h))
     }
 }
 
@@ -153,13 +161,24 @@ impl Decoder {
     pub fn forward_embeds(&self, x: Tensor<3>, cache: &mut KvCache) -> Result<Tensor<3>> {
         let seq = x.dims()[1];
         cache.check_room(seq)?;
-        let x = self
+        let first_norm = self
+            .layers
+            .first()
+            .map_or(&self.norm, |l| &l.input_layernorm);
+        let h = first_norm.forward(x.clone());
+        let (_, h) = self
             .layers
             .iter()
             .enumerate()
-            .fold(x, |x, (i, layer)| layer.forward(x, &self.rope, cache, i));
+            .fold((x, h), |state, (i, layer)| {
+                let next = self
+                    .layers
+                    .get(i + 1)
+                    .map_or(&self.norm, |l| &l.input_layernorm);
+                layer.forward(state, next, &self.rope, cache, i)
+            });
         cache.advance(seq);
-        Ok(self.norm.forward(x))
+        Ok(h)
     }
 
     /// Output logits `[batch, seq, vocab]` for hidden states `[batch, seq, hidden]`.
