@@ -25,6 +25,39 @@ pub fn applies(device: &Device, dtype: DType) -> bool {
     false
 }
 
+/// Launch helpers for the CubeCL kernels.
+#[cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda"))]
+pub(crate) mod device {
+    use burn::tensor::Shape;
+    use burn_cubecl::cubecl::calculate_cube_count_elemwise;
+    use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim};
+    use burn_cubecl::ops::numeric::empty_device_dtype;
+    use burn_cubecl::tensor::CubeTensor;
+
+    /// Most cubes along one dispatch dimension (WebGPU's guaranteed minimum is 65 535).
+    pub const MAX_CUBES_X: usize = 32_768;
+
+    /// A new tensor of `shape` on `like`'s device, in its type.
+    pub fn empty_like(like: &CubeTensor, shape: Shape) -> CubeTensor {
+        empty_device_dtype(like.client.clone(), like.device.clone(), shape, like.dtype)
+    }
+
+    /// Cubes and their size for one unit per value of `units` values on `on`'s device.
+    pub fn per_value(on: &CubeTensor, units: usize) -> (CubeCount, CubeDim) {
+        let cube_dim = CubeDim::new(&on.client, units);
+        (
+            calculate_cube_count_elemwise(&on.client, units, cube_dim),
+            cube_dim,
+        )
+    }
+
+    /// `n` cubes, numbered `CUBE_POS_Y · CUBE_COUNT_X + CUBE_POS_X` (the last row of them may run past `n`).
+    pub fn cubes(n: usize) -> CubeCount {
+        let x = n.clamp(1, MAX_CUBES_X);
+        CubeCount::Static(x as u32, n.div_ceil(x).max(1) as u32, 1)
+    }
+}
+
 /// Helpers for the CPU backend's kernels.
 #[cfg(feature = "cpu")]
 pub(crate) mod host {

@@ -64,13 +64,7 @@ impl FusedOps for Flex {
 
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
         let shape = x.layout().shape().to_vec();
-        let d = shape.last().copied().unwrap_or(1).max(1);
-        let (x, weight) = (values::<f32>(&x), values::<f32>(&weight));
-        let mut out = vec![0.0f32; x.len()];
-        let rows_per_task = (CHUNK / d).max(1);
-        out.par_chunks_mut(rows_per_task * d)
-            .zip(x.par_chunks(rows_per_task * d))
-            .for_each(|(out, x)| normalise_rows(x, &weight, eps, d, out));
+        let out = normalise(&values::<f32>(&x), &values::<f32>(&weight), eps);
         FloatTensor::<Self>::from_data(TensorData::new(out, shape))
     }
 
@@ -81,19 +75,9 @@ impl FusedOps for Flex {
         eps: f32,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let shape = x.layout().shape().to_vec();
-        let d = shape.last().copied().unwrap_or(1).max(1);
-        let (x, delta, weight) = (
-            values::<f32>(&x),
-            values::<f32>(&delta),
-            values::<f32>(&weight),
-        );
+        let (x, delta) = (values::<f32>(&x), values::<f32>(&delta));
         let sum: Vec<f32> = x.iter().zip(delta.iter()).map(|(a, b)| a + b).collect();
-        let mut normed = vec![0.0f32; sum.len()];
-        let rows_per_task = (CHUNK / d).max(1);
-        normed
-            .par_chunks_mut(rows_per_task * d)
-            .zip(sum.par_chunks(rows_per_task * d))
-            .for_each(|(out, rows)| normalise_rows(rows, &weight, eps, d, out));
+        let normed = normalise(&sum, &values::<f32>(&weight), eps);
         let sum = FloatTensor::<Self>::from_data(TensorData::new(sum, shape.clone()));
         (
             sum,
@@ -217,7 +201,8 @@ impl DecodeAttention<'_> {
     }
 }
 
-/// Σ a·b in 8 independent lanes.
+/// Σ a·b in 8 independent lanes (a single running sum would pin the additions in order and keep the
+/// compiler from vectorising).
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0.0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -263,28 +248,22 @@ impl Rotation<'_> {
     }
 }
 
-/// RMSNorm of the rows of width `d` in `x` into `out`.
-fn normalise_rows(x: &[f32], weight: &[f32], eps: f32, d: usize, out: &mut [f32]) {
-    for (o, row) in out.chunks_mut(d).zip(x.chunks(d)) {
-        let inv = 1.0 / (sum_of_squares(row) / d as f32 + eps).sqrt();
-        for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
-            *o = v * inv * w;
-        }
-    }
-}
-
-/// Σ v² in 8 independent lanes (one running sum would pin the additions in order and keep the compiler
-/// from vectorising).
-fn sum_of_squares(row: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; 8];
-    let chunks = row.chunks_exact(8);
-    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
-    for c in chunks {
-        for l in 0..8 {
-            lanes[l] += c[l] * c[l];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
+/// RMSNorm of the rows of `x`, each as wide as `weight`, rows in parallel.
+fn normalise(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+    let d = weight.len().max(1);
+    let mut out = vec![0.0f32; x.len()];
+    let rows_per_task = (CHUNK / d).max(1);
+    out.par_chunks_mut(rows_per_task * d)
+        .zip(x.par_chunks(rows_per_task * d))
+        .for_each(|(out, x)| {
+            for (o, row) in out.chunks_mut(d).zip(x.chunks(d)) {
+                let inv = 1.0 / (dot(row, row) / d as f32 + eps).sqrt();
+                for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
+                    *o = v * inv * w;
+                }
+            }
+        });
+    out
 }
 
 #[inline(always)]

@@ -5,12 +5,12 @@ use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::tensor::FloatTensor;
 use burn::tensor::Shape;
 use burn_cubecl::CubeBackend;
+use burn_cubecl::cubecl;
 use burn_cubecl::cubecl::prelude::*;
-use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise};
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
 
 use super::extension::FusedOps;
+use crate::kernels::device::{cubes, empty_like, per_value};
 
 /// Units per cube of the RMSNorm kernel (one cube per row).
 const NORM_UNITS: u32 = 256;
@@ -19,8 +19,6 @@ const NORM_UNITS: u32 = 256;
 const ATTENTION_UNITS: u32 = 256;
 /// Cache positions whose scores a cube holds in shared memory at once (4 KiB).
 const ATTENTION_CHUNK: u32 = 1024;
-/// Most cubes along one dispatch dimension (WebGPU's guaranteed minimum is 65 535).
-const MAX_CUBES_X: usize = 32_768;
 
 /// `out[r, i] = silu(h[r, i]) · h[r, inner + i]`, one unit per output value.
 #[cube(launch_unchecked)]
@@ -191,6 +189,10 @@ fn decode_attention_kernel<F: Float>(
     let (heads, d) = (q.shape(1), q.shape(3));
     let (kv_heads, capacity) = (k.shape(1), k.shape(2));
     let bh = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    // A whole cube past the last head leaves together, so no barrier below misses a unit.
+    if bh >= q.shape(0) * heads {
+        terminate!();
+    }
     let (bi, h) = (bh / heads, bh % heads);
     let kv = h / (heads / kv_heads);
     let base = (bi * kv_heads + kv) * capacity * d;
@@ -280,15 +282,9 @@ impl FusedOps for CubeBackend {
         if let Some(last) = dims.last_mut() {
             *last /= 2;
         }
-        let out = empty_device_dtype(
-            h.client.clone(),
-            h.device.clone(),
-            Shape::from(dims.clone()),
-            h.dtype,
-        );
         let units: usize = dims.iter().product();
-        let cube_dim = CubeDim::new(&h.client, units);
-        let count = calculate_cube_count_elemwise(&h.client, units, cube_dim);
+        let out = empty_like(&h, Shape::from(dims));
+        let (count, cube_dim) = per_value(&h, units);
         let dtype = h.dtype;
         // SAFETY: `h` is contiguous with twice the output's last dimension, so every index read is inside
         // it; units past the output's length stop first, and each writes only its own value.
@@ -308,15 +304,9 @@ impl FusedOps for CubeBackend {
     fn quick_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
         let x = into_contiguous(x);
         let dims = x.meta.shape().to_vec();
-        let out = empty_device_dtype(
-            x.client.clone(),
-            x.device.clone(),
-            Shape::from(dims.clone()),
-            x.dtype,
-        );
         let units: usize = dims.iter().product();
-        let cube_dim = CubeDim::new(&x.client, units);
-        let count = calculate_cube_count_elemwise(&x.client, units, cube_dim);
+        let out = empty_like(&x, Shape::from(dims));
+        let (count, cube_dim) = per_value(&x, units);
         let dtype = x.dtype;
         // SAFETY: input and output are contiguous with the same shape; units past it stop first.
         unsafe {
@@ -337,21 +327,14 @@ impl FusedOps for CubeBackend {
         let dims = x.meta.shape().to_vec();
         let d = dims.last().copied().unwrap_or(1).max(1);
         let rows = dims.iter().product::<usize>() / d;
-        let out = empty_device_dtype(
-            x.client.clone(),
-            x.device.clone(),
-            Shape::from(dims),
-            x.dtype,
-        );
-        let cubes_x = rows.clamp(1, MAX_CUBES_X);
-        let count = CubeCount::Static(cubes_x as u32, rows.div_ceil(cubes_x).max(1) as u32, 1);
+        let out = empty_like(&x, Shape::from(dims));
         let dtype = x.dtype;
         // SAFETY: `x` and the output are contiguous `[rows, d]` and `weight` `[d]`; cubes past the last row
         // read and write nothing, and each value is written by one unit.
         unsafe {
             rms_norm_kernel::launch_unchecked(
                 &out.client,
-                count,
+                cubes(rows),
                 CubeDim::new_1d(NORM_UNITS),
                 x.into_tensor_arg(),
                 weight.into_tensor_arg(),
@@ -377,23 +360,16 @@ impl FusedOps for CubeBackend {
         let dims = x.meta.shape().to_vec();
         let d = dims.last().copied().unwrap_or(1).max(1);
         let rows = dims.iter().product::<usize>() / d;
-        let new = || {
-            empty_device_dtype(
-                x.client.clone(),
-                x.device.clone(),
-                Shape::from(dims.clone()),
-                x.dtype,
-            )
-        };
-        let (sum, out) = (new(), new());
-        let cubes_x = rows.clamp(1, MAX_CUBES_X);
-        let count = CubeCount::Static(cubes_x as u32, rows.div_ceil(cubes_x).max(1) as u32, 1);
+        let (sum, out) = (
+            empty_like(&x, Shape::from(dims.clone())),
+            empty_like(&x, Shape::from(dims)),
+        );
         let dtype = x.dtype;
         // SAFETY: as for `rms_norm`, with `delta` and `sum` the same shape as `x` (checked by the caller).
         unsafe {
             add_rms_norm_kernel::launch_unchecked(
                 &out.client,
-                count,
+                cubes(rows),
                 CubeDim::new_1d(NORM_UNITS),
                 x.into_tensor_arg(),
                 delta.into_tensor_arg(),
@@ -422,15 +398,8 @@ impl FusedOps for CubeBackend {
         );
         let q = qkv.meta.shape().to_vec();
         let d = cos.meta.shape()[1];
-        let out = empty_device_dtype(
-            qkv.client.clone(),
-            qkv.device.clone(),
-            Shape::new([q[0], heads, q[1], d]),
-            qkv.dtype,
-        );
-        let units = q[0] * heads * q[1] * d;
-        let cube_dim = CubeDim::new(&qkv.client, units);
-        let count = calculate_cube_count_elemwise(&qkv.client, units, cube_dim);
+        let out = empty_like(&qkv, Shape::new([q[0], heads, q[1], d]));
+        let (count, cube_dim) = per_value(&qkv, q[0] * heads * q[1] * d);
         let dtype = qkv.dtype;
         // SAFETY: the caller's heads lie inside `qkv`'s rows (`start + heads · d ≤ w`) and the positions
         // inside the tables (`offset + s` < positions, as the KV cache's room check guarantees); units
@@ -462,23 +431,15 @@ impl FusedOps for CubeBackend {
         let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
         let qd = q.meta.shape().to_vec();
         let (b, heads, d) = (qd[0], qd[1], qd[3]);
-        let out = empty_device_dtype(
-            q.client.clone(),
-            q.device.clone(),
-            Shape::new([b, 1, heads * d]),
-            q.dtype,
-        );
-        let cubes = b * heads;
-        let cubes_x = cubes.clamp(1, MAX_CUBES_X);
-        let count = CubeCount::Static(cubes_x as u32, cubes.div_ceil(cubes_x).max(1) as u32, 1);
+        let out = empty_like(&q, Shape::new([b, 1, heads * d]));
         let dtype = q.dtype;
         // SAFETY: `decode_attention` checked the shapes (`k`, `v` `[b, kv_heads, capacity, d]` with
         // `heads` a multiple of `kv_heads`, `len` ≤ capacity, `d` ≤ the cube's units); one cube per query
-        // head, each writing only that head's `d` values.
+        // head, each writing only that head's `d` values; cubes past the last head stop first.
         unsafe {
             decode_attention_kernel::launch_unchecked(
                 &out.client,
-                count,
+                cubes(b * heads),
                 CubeDim::new_1d(ATTENTION_UNITS),
                 q.into_tensor_arg(),
                 k.into_tensor_arg(),

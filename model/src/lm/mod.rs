@@ -161,24 +161,23 @@ impl Decoder {
     pub fn forward_embeds(&self, x: Tensor<3>, cache: &mut KvCache) -> Result<Tensor<3>> {
         let seq = x.dims()[1];
         cache.check_room(seq)?;
-        let first_norm = self
-            .layers
-            .first()
-            .map_or(&self.norm, |l| &l.input_layernorm);
-        let h = first_norm.forward(x.clone());
+        let h = self.norm_before(0).forward(x.clone());
         let (_, h) = self
             .layers
             .iter()
             .enumerate()
             .fold((x, h), |state, (i, layer)| {
-                let next = self
-                    .layers
-                    .get(i + 1)
-                    .map_or(&self.norm, |l| &l.input_layernorm);
-                layer.forward(state, next, &self.rope, cache, i)
+                layer.forward(state, self.norm_before(i + 1), &self.rope, cache, i)
             });
         cache.advance(seq);
         Ok(h)
+    }
+
+    /// The norm applied to layer `i`'s input: its own, or the final one past the last layer.
+    fn norm_before(&self, i: usize) -> &RmsNorm {
+        self.layers
+            .get(i)
+            .map_or(&self.norm, |l| &l.input_layernorm)
     }
 
     /// Output logits `[batch, seq, vocab]` for hidden states `[batch, seq, hidden]`.

@@ -8,21 +8,19 @@ use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::tensor::Shape;
 use burn_cubecl::CubeBackend;
+use burn_cubecl::cubecl;
 use burn_cubecl::cubecl::prelude::*;
-use burn_cubecl::cubecl::{self, calculate_cube_count_elemwise};
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
 use super::extension::{FUSED_MAX_ROWS, PackedOps};
 use super::pack::GROUP;
+use crate::kernels::device::{MAX_CUBES_X, empty_like, per_value};
 
 /// Units per cube of the product kernel.
 const CUBE_UNITS: u32 = 256;
 /// Most units sharing one weight row in the product kernel.
 const MAX_LANES: usize = 32;
-/// Most cubes along one dispatch dimension (WebGPU's guaranteed minimum is 65 535).
-const MAX_CUBES_X: usize = 32_768;
 
 /// Group `g` of weight row `o`: its scale and minimum (`gps` groups share a super-block's maxima).
 #[cube]
@@ -176,12 +174,7 @@ impl PackedOps for CubeBackend {
             into_contiguous(supers),
         );
         debug_assert_eq!(dims(&codes)[1] * GROUP, k);
-        let out = empty_device_dtype(
-            x.client.clone(),
-            x.device.clone(),
-            Shape::new([m, n]),
-            dtype,
-        );
+        let out = empty_like(&supers, Shape::new([m, n]));
         // Units per weight row: a power of two up to 32 that leaves none without a group (a 768-wide
         // row has 24 groups: 16 lanes; a 4096-wide one 128: 32 lanes, 4 groups each).
         let groups = k / GROUP;
@@ -228,15 +221,8 @@ impl PackedOps for CubeBackend {
         let cd = dims(&codes);
         let (n, groups) = (cd[0], cd[1]);
         let dtype = supers.dtype;
-        let out = empty_device_dtype(
-            codes.client.clone(),
-            codes.device.clone(),
-            Shape::new([n, groups * GROUP]),
-            dtype,
-        );
-        let units = n * groups;
-        let cube_dim = CubeDim::new(&codes.client, units);
-        let count = calculate_cube_count_elemwise(&codes.client, units, cube_dim);
+        let out = empty_like(&supers, Shape::new([n, groups * GROUP]));
+        let (count, cube_dim) = per_value(&supers, n * groups);
         // SAFETY: as for the product; unit `id` writes only its own group's 32 values.
         unsafe {
             packed_dequantize_kernel::launch_unchecked(
