@@ -11,6 +11,9 @@ use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::tensor::TensorData;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
 use super::extension::{FUSED_MAX_ROWS, PackedOps};
 use super::pack::GROUP;
 use crate::kernels::host::{has_avx2, values};
@@ -77,10 +80,9 @@ impl<'a> Packing<'a> {
         }
     }
 
-    /// Row `o`'s group `g`: its scale and minimum, and its 32 codes into `q`. `BITS` is a constant so
-    /// the unpacking unrolls into vector shifts.
+    /// Row `o`'s group `g`: its scale and minimum.
     #[inline(always)]
-    fn group<const BITS: usize>(&self, o: usize, g: usize, q: &mut [f32; GROUP]) -> (f32, f32) {
+    fn scale_min(&self, o: usize, g: usize) -> (f32, f32) {
         let groups = self.k / GROUP;
         let pw = groups.div_ceil(2);
         let sb = o * (groups / self.groups_per_super) + g / self.groups_per_super;
@@ -88,7 +90,15 @@ impl<'a> Packing<'a> {
         let p = (self.params[o * pw + g / 2] as u32 >> (16 * (g % 2))) & 0xffff;
         let scale = (p & 0xff) as f32 * (big_s / 255.0);
         let min = ((p >> 8) as f32 - 128.0) * (big_m / 127.0);
-        let words = &self.codes[(o * groups + g) * BITS..][..BITS];
+        (scale, min)
+    }
+
+    /// Row `o`'s group `g`: its scale and minimum, and its 32 codes into `q`. `BITS` is a constant so
+    /// the unpacking unrolls into vector shifts.
+    #[inline(always)]
+    fn group<const BITS: usize>(&self, o: usize, g: usize, q: &mut [f32; GROUP]) -> (f32, f32) {
+        let (scale, min) = self.scale_min(o, g);
+        let words = &self.codes[(o * (self.k / GROUP) + g) * BITS..][..BITS];
         let per_word = 32 / BITS;
         let mask = (1u32 << BITS) - 1;
         for (w, &word) in words.iter().enumerate() {
@@ -109,26 +119,17 @@ impl<'a> Packing<'a> {
 
     fn matmul_t_bits<const BITS: usize>(&self, x: &[f32], m: usize, n: usize) -> Vec<f32> {
         let x_sums: Vec<f32> = x.chunks(GROUP).map(|c| c.iter().sum()).collect();
-        let wide = has_avx2();
+        #[cfg(target_arch = "x86_64")]
+        if let Some(isa) = x86::Isa::detect() {
+            return self.matmul_t_x86::<BITS>(isa, x, &x_sums, m, n);
+        }
         // Output channels in parallel, each row of the result `[n, m]` for one channel.
         let mut out_t = vec![0.0f32; n * m];
-        out_t.par_chunks_mut(m).enumerate().for_each(|(o, acc)| {
-            #[cfg(target_arch = "x86_64")]
-            if wide {
-                // SAFETY: `has_avx2` found AVX2 on this CPU.
-                unsafe { self.channel_avx2::<BITS>(o, acc, x, &x_sums) };
-                return;
-            }
-            let _ = wide;
-            self.channel::<BITS>(o, acc, x, &x_sums);
-        });
-        let mut out = vec![0.0f32; m * n];
-        for (o, row) in out_t.chunks(m).enumerate() {
-            for (r, &v) in row.iter().enumerate() {
-                out[r * n + o] = v;
-            }
-        }
-        out
+        out_t
+            .par_chunks_mut(m)
+            .enumerate()
+            .for_each(|(o, acc)| self.channel::<BITS>(o, acc, x, &x_sums));
+        transposed(out_t, m, n)
     }
 
     /// Output channel `o` for every input row: `acc[r] = Σ_k x[r, k] · W[o, k]`.
@@ -143,20 +144,6 @@ impl<'a> Packing<'a> {
                 *a += scale * dot32(&q, xs) + min * x_sums[r * groups + g];
             }
         }
-    }
-
-    /// [`Packing::channel`] compiled for AVX2: the build targets baseline x86-64 (SSE2, 4 lanes), and the
-    /// unpacking and dot products vectorise twice as wide here.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn channel_avx2<const BITS: usize>(
-        &self,
-        o: usize,
-        acc: &mut [f32],
-        x: &[f32],
-        x_sums: &[f32],
-    ) {
-        self.channel::<BITS>(o, acc, x, x_sums)
     }
 
     /// The whole matrix, `[n, k]` row-major.
@@ -194,12 +181,27 @@ impl<'a> Packing<'a> {
         }
     }
 
-    /// [`Packing::dequantize_row`] compiled for AVX2 (see [`Packing::channel_avx2`]).
+    /// [`Packing::dequantize_row`] compiled for AVX2: the build targets baseline x86-64 (SSE2, 4 lanes),
+    /// and the unpacking vectorises twice as wide here.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     unsafe fn dequantize_row_avx2<const BITS: usize>(&self, o: usize, row: &mut [f32]) {
         self.dequantize_row::<BITS>(o, row)
     }
+}
+
+/// `[m, n]` from its transpose `[n, m]` (the kernels write one output channel's rows together).
+fn transposed(out_t: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
+    if m == 1 {
+        return out_t;
+    }
+    let mut out = vec![0.0f32; m * n];
+    for (o, row) in out_t.chunks(m).enumerate() {
+        for (r, &v) in row.iter().enumerate() {
+            out[r * n + o] = v;
+        }
+    }
+    out
 }
 
 /// Σ a·b over 32 values in 8 independent lanes (a single running sum would pin the additions in order
@@ -218,44 +220,42 @@ fn dot32(a: &[f32; GROUP], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::super::QuantizedMatrix;
-    use super::super::pack::quantize;
+    use super::super::pack::{Packed, quantize};
     use crate::kernels::applies;
     use burn::tensor::{DType, Device, Distribution, Tensor};
 
     use super::*;
 
+    fn packing(p: &Packed) -> Packing<'_> {
+        Packing {
+            codes: Cow::Borrowed(&p.codes),
+            params: Cow::Borrowed(&p.group_params),
+            supers: Cow::Borrowed(&p.supers),
+            k: p.cols,
+            bits: p.bits,
+            groups_per_super: p.groups_per_super,
+        }
+    }
+
+    fn pattern(n: usize, a: usize, b: usize, c: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * a % b) as f32 - (b / 2) as f32) / c)
+            .collect()
+    }
+
     #[test]
-    fn the_portable_and_avx2_builds_agree() {
-        let (n, k, m) = (5, 64, 2);
-        let w: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 700.0)
-            .collect();
-        let x: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 13 % 29) as f32 - 14.0) / 9.0)
-            .collect();
+    fn the_portable_and_avx2_dequantising_builds_agree() {
+        let (n, k) = (5, 64);
+        let w = pattern(n * k, 37, 101, 700.0);
         for bits in [4, 8] {
             let p = quantize(&w, n, k, bits, DType::F32);
-            let packing = Packing {
-                codes: Cow::Borrowed(&p.codes),
-                params: Cow::Borrowed(&p.group_params),
-                supers: Cow::Borrowed(&p.supers),
-                k,
-                bits,
-                groups_per_super: p.groups_per_super,
-            };
-            let sums: Vec<f32> = x.chunks(GROUP).map(|c| c.iter().sum()).collect();
+            let packing = packing(&p);
             let reference = p.dequantize();
             for o in 0..n {
-                let (mut portable, mut row) = (vec![0.0f32; m], vec![0.0f32; k]);
+                let mut row = vec![0.0f32; k];
                 match bits {
-                    4 => {
-                        packing.channel::<4>(o, &mut portable, &x, &sums);
-                        packing.dequantize_row::<4>(o, &mut row);
-                    }
-                    _ => {
-                        packing.channel::<8>(o, &mut portable, &x, &sums);
-                        packing.dequantize_row::<8>(o, &mut row);
-                    }
+                    4 => packing.dequantize_row::<4>(o, &mut row),
+                    _ => packing.dequantize_row::<8>(o, &mut row),
                 }
                 assert!(
                     row.iter()
@@ -264,27 +264,68 @@ mod tests {
                 );
                 #[cfg(target_arch = "x86_64")]
                 if has_avx2() {
-                    let (mut wide, mut wide_row) = (vec![0.0f32; m], vec![0.0f32; k]);
+                    let mut wide_row = vec![0.0f32; k];
                     // SAFETY: the CPU has AVX2 (checked).
                     unsafe {
                         match bits {
-                            4 => {
-                                packing.channel_avx2::<4>(o, &mut wide, &x, &sums);
-                                packing.dequantize_row_avx2::<4>(o, &mut wide_row);
-                            }
-                            _ => {
-                                packing.channel_avx2::<8>(o, &mut wide, &x, &sums);
-                                packing.dequantize_row_avx2::<8>(o, &mut wide_row);
-                            }
+                            4 => packing.dequantize_row_avx2::<4>(o, &mut wide_row),
+                            _ => packing.dequantize_row_avx2::<8>(o, &mut wide_row),
                         }
                     }
-                    for (a, b) in wide.iter().zip(&portable) {
-                        assert!(
-                            (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
-                            "{bits} bits: {a} vs {b}"
-                        );
-                    }
                     assert_eq!(wide_row, row);
+                }
+            }
+        }
+    }
+
+    /// The AVX-512 and AVX2 products (whichever this CPU has) against the portable loop, for every row
+    /// count they take and for super-blocks of 1, 2, 4 and 8 groups.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_vector_kernels_match_the_portable_loop() {
+        let isas: Vec<x86::Isa> = [
+            (x86::Isa::Avx512, is_x86_feature_detected!("avx512f")),
+            (
+                x86::Isa::Avx2,
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(isa, has)| has.then_some(isa))
+        .collect();
+        eprintln!("vector kernels tested here: {isas:?}");
+        let n = 7;
+        for k in [96, 64, 384, 768] {
+            let w = pattern(n * k, 37, 101, 700.0);
+            for bits in [4, 8] {
+                let p = quantize(&w, n, k, bits, DType::F32);
+                let packing = packing(&p);
+                for m in 1..=FUSED_MAX_ROWS {
+                    let x = pattern(m * k, 13, 29, 9.0);
+                    let sums: Vec<f32> = x.chunks(GROUP).map(|c| c.iter().sum()).collect();
+                    let mut want = vec![0.0f32; m * n];
+                    for o in 0..n {
+                        let mut acc = vec![0.0f32; m];
+                        match bits {
+                            4 => packing.channel::<4>(o, &mut acc, &x, &sums),
+                            _ => packing.channel::<8>(o, &mut acc, &x, &sums),
+                        }
+                        for (r, v) in acc.into_iter().enumerate() {
+                            want[r * n + o] = v;
+                        }
+                    }
+                    for &isa in &isas {
+                        let got = match bits {
+                            4 => packing.matmul_t_x86::<4>(isa, &x, &sums, m, n),
+                            _ => packing.matmul_t_x86::<8>(isa, &x, &sums, m, n),
+                        };
+                        for (a, b) in got.iter().zip(&want) {
+                            assert!(
+                                (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                                "{isa:?}, k {k}, {bits} bits, {m} rows: {a} vs {b}"
+                            );
+                        }
+                    }
                 }
             }
         }

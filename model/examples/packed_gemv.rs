@@ -1,0 +1,132 @@
+//! Packed-weight matrix–vector benchmark on the CPU: one decoding step's products through one LLaMA-7B
+//! decoder layer (fused q/k/v 4096→12288, o 4096→4096, fused gate/up 4096→22016, down 11008→4096), with
+//! weights quantised to 8 and 4 bits and in f32, `--runs N` times (default 10) after one warm-up. Prints one
+//! JSON line per format: milliseconds per layer (median, min, max), weights per second and the bytes of
+//! weights read per second, which against the machine's memory bandwidth says whether the kernel is bound by
+//! arithmetic or by memory.
+//!
+//! ```text
+//! cargo run --release -p llava-med --example packed_gemv -- [--runs N] [--rows M] [--layers L]
+//! ```
+//!
+//! `--rows` is the number of input rows (1 while decoding); `--layers` how many distinct layers' weights to
+//! cycle through (default 2, ~200 MB at 4 bits: more than any cache, so weights come from memory as in a
+//! whole model).
+
+use std::time::Instant;
+
+use burn::tensor::{DType, Device, Distribution, Tensor, TensorData};
+use llava_med::quant::QuantizedMatrix;
+use llava_med::quant::pack::{packed_bytes, quantize};
+
+/// `[out, in]` of one LLaMA-7B decoder layer's products, as this crate fuses them.
+const LAYER: [(usize, usize); 4] = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)];
+
+/// One matrix product of the layer, `x` → `x · Wᵀ`.
+type Product = Box<dyn Fn(Tensor<2>) -> Tensor<2>>;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Deterministic N(0, 0.02)-like values without drawing 200 M samples through a tensor.
+fn weights(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            // Sum of four uniforms: close enough to a Gaussian for rounding statistics.
+            let mut acc = 0.0f32;
+            for _ in 0..4 {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                acc += (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+            }
+            acc * 0.035
+        })
+        .collect()
+}
+
+fn main() {
+    let (mut runs, mut rows, mut layers) = (10usize, 1usize, 2usize);
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = |name: &str| -> usize {
+            args.next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name} takes a number"))
+        };
+        match a.as_str() {
+            "--runs" => runs = value("--runs").max(1),
+            "--rows" => rows = value("--rows").max(1),
+            "--layers" => layers = value("--layers").max(1),
+            other => panic!("unknown argument {other} (--runs N, --rows M, --layers L)"),
+        }
+    }
+    let device = Device::flex();
+    let weights_per_layer: usize = LAYER.iter().map(|(o, i)| o * i).sum();
+    for bits in [8usize, 4, 32] {
+        let mut products: Vec<Product> = Vec::new();
+        let mut bytes = 0usize;
+        for l in 0..layers {
+            for (j, &(out, inp)) in LAYER.iter().enumerate() {
+                let w = weights(out * inp, (l * 8 + j) as u64 + 1);
+                if bits == 32 {
+                    bytes += out * inp * 4;
+                    // Stored [in, out] as the float `Linear` keeps it (random values either way).
+                    let t = Tensor::<2>::from_data(TensorData::new(w, [inp, out]), &device);
+                    products.push(Box::new(move |x| x.matmul(t.clone())));
+                } else {
+                    bytes += packed_bytes(out, inp, bits, 2);
+                    let m = QuantizedMatrix::upload(
+                        quantize(&w, out, inp, bits, DType::F16),
+                        &device,
+                        DType::F32,
+                    );
+                    products.push(Box::new(move |x| m.matmul_t(x)));
+                }
+            }
+        }
+        let inputs: Vec<Tensor<2>> = LAYER
+            .iter()
+            .map(|&(_, inp)| Tensor::random([rows, inp], Distribution::Normal(0.0, 1.0), &device))
+            .collect();
+        let pass = || {
+            for (i, product) in products.iter().enumerate() {
+                let y = product(inputs[i % LAYER.len()].clone());
+                // Reading one value back waits for the product.
+                let _ = y.slice([0..1, 0..1]).into_data();
+            }
+        };
+        pass();
+        let times: Vec<f64> = (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                pass();
+                t.elapsed().as_secs_f64() * 1e3 / layers as f64
+            })
+            .collect();
+        let ms = median(times.clone());
+        let format = if bits == 32 {
+            "f32".to_string()
+        } else {
+            format!("int{bits}")
+        };
+        println!(
+            "{}",
+            serde_json::json!({
+                "format": format,
+                "rows": rows,
+                "layers": layers,
+                "ms_per_layer": {
+                    "median": ms,
+                    "min": times.iter().cloned().fold(f64::MAX, f64::min),
+                    "max": times.iter().cloned().fold(0.0, f64::max),
+                },
+                "gweights_per_s": weights_per_layer as f64 / ms / 1e6,
+                "weight_gb_per_s": bytes as f64 / layers as f64 / ms / 1e6,
+            })
+        );
+    }
+}
