@@ -20,7 +20,7 @@ prepare)
   scripts/gpu-check.sh prepare || exit
   export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/llava-med-target}"
   cargo build -p llava-med --features wgpu,fusion --bin llava-med || exit
-  strip -o .gpu/llava-med-fusion "$CARGO_TARGET_DIR/debug/llava-med" && gzip -9f .gpu/llava-med-fusion
+  strip -o .gpu/llava-med-fusion "$CARGO_TARGET_DIR/debug/llava-med" && xz -9 -T2 -f .gpu/llava-med-fusion
   du -sh .gpu
   ;;
 fusion)
@@ -32,7 +32,7 @@ fusion)
     for f in .gl/*.deb; do dpkg -x "$f" /; done
     ldconfig
   fi
-  gunzip -kf .gpu/llava-med.gz .gpu/llava-med-fusion.gz
+  scripts/gpu-check.sh unpack llava-med llava-med-fusion || exit
   for b in llava-med llava-med-fusion; do
     timeout 110 ".gpu/$b" bench --shape "${SHAPE:-7b}" --device wgpu --dtype f16 --runs 1 --new-tokens 16 \
       --json >"$out/$b-${SHAPE:-7b}.json" 2>"$out/$b-${SHAPE:-7b}.log"

@@ -6,6 +6,7 @@
 #   scripts/gpu-check.sh run       there (device `run`, carry [".gpu", ".gl"]): unpack the loader, run the
 #                                  parity tests on the GPU's Vulkan driver through wgpu, and one generation
 #                                  per float type; a JSON summary goes to $OUT/gpu-check.json
+#   scripts/gpu-check.sh unpack B… there: decompress .gpu/B.xz to .gpu/B (xz, else Python's lzma)
 #
 # burn-cuda cannot be built offline, so the GPU is exercised through wgpu (WGSL) on the NVIDIA Vulkan driver.
 set -euo pipefail
@@ -15,13 +16,16 @@ prepare)
   export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/llava-med-target}"
   grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo /.gpu/ >>.git/info/exclude
   grep -qx '/.gl/' .git/info/exclude 2>/dev/null || echo /.gl/ >>.git/info/exclude
+  # Only what this run builds travels: a left-over unpacked binary would push the carry past 64 MiB.
+  rm -rf .gpu
   mkdir -p .gpu .gl /tmp/amd64/partial
   bin=$(cargo test -p llava-med --features wgpu --test integration --no-run --message-format=json 2>/dev/null |
     python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and m["target"]["name"]=="integration"][-1])')
   cargo build -p llava-med --features wgpu --bin llava-med
-  # Debug info makes them 1.1 GB each; stripped and gzipped they are ~17 MB (the carry limit is 64 MiB).
+  # Debug info makes them 1.1 GB each; stripped and xz-compressed they are ~13 MB (gzip: ~20 MB; the carry
+  # limit is 64 MiB for all of them).
   strip -o .gpu/integration "$bin" && strip -o .gpu/llava-med "$CARGO_TARGET_DIR/debug/llava-med"
-  gzip -9f .gpu/integration .gpu/llava-med
+  xz -9 -T2 -f .gpu/integration .gpu/llava-med
   o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64'
   # shellcheck disable=SC2086
   apt-get $o update -qq && (cd .gl && apt-get $o download libvulkan1 libegl1 libglvnd0 >/dev/null)
@@ -30,7 +34,7 @@ prepare)
 run)
   for f in .gl/*.deb; do dpkg -x "$f" /; done
   ldconfig
-  gunzip -kf .gpu/integration.gz .gpu/llava-med.gz
+  "$0" unpack integration llava-med
   if [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]; then
     export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
   fi
@@ -49,8 +53,20 @@ run)
   grep -E "max \|Δ\||test result" "$out/parity.log" | python3 -c 'import json,sys; print(json.dumps({"lines": sys.stdin.read().splitlines()}, ensure_ascii=False, indent=1))' >"$out/gpu-check.json"
   exit $status
   ;;
+unpack)
+  shift
+  for b in "$@"; do
+    if command -v xz >/dev/null; then
+      xz -dkf ".gpu/$b.xz"
+    else
+      python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+        ".gpu/$b.xz" ".gpu/$b"
+    fi
+    chmod +x ".gpu/$b"
+  done
+  ;;
 *)
-  echo "usage: $0 prepare|run" >&2
+  echo "usage: $0 prepare|run|unpack BINARY..." >&2
   exit 2
   ;;
 esac

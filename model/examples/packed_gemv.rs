@@ -1,5 +1,6 @@
-//! Packed-weight matrix–vector benchmark on the CPU: one decoding step's products through one LLaMA-7B
-//! decoder layer (fused q/k/v 4096→12288, o 4096→4096, fused gate/up 4096→22016, down 11008→4096), with
+//! Packed-weight matrix–vector benchmark on the CPU: one decoding step's products through one decoder layer
+//! of LLaVA-Med v1.5 7B's Mistral (fused q/k/v 4096→6144, o 4096→4096, fused gate/up 4096→28672, down
+//! 14336→4096), with
 //! weights quantised to 8 and 4 bits and in f32, `--runs N` times (default 10) after one warm-up. Prints one
 //! JSON line per format: milliseconds per layer (median, min, max), weights per second and the bytes of
 //! weights read per second, which against the machine's memory bandwidth says whether the kernel is bound by
@@ -10,7 +11,7 @@
 //! ```
 //!
 //! `--rows` is the number of input rows (1 while decoding); `--layers` how many distinct layers' weights to
-//! cycle through (default 2, ~200 MB at 4 bits: more than any cache, so weights come from memory as in a
+//! cycle through (default 2, ~250 MB at 4 bits: more than any cache, so weights come from memory as in a
 //! whole model).
 
 use std::time::Instant;
@@ -19,8 +20,8 @@ use burn::tensor::{DType, Device, Distribution, Tensor, TensorData};
 use llava_med::quant::QuantizedMatrix;
 use llava_med::quant::pack::{packed_bytes, quantize};
 
-/// `[out, in]` of one LLaMA-7B decoder layer's products, as this crate fuses them.
-const LAYER: [(usize, usize); 4] = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)];
+/// `[out, in]` of one Mistral-7B decoder layer's products, as this crate fuses them.
+const LAYER: [(usize, usize); 4] = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)];
 
 /// One matrix product of the layer, `x` → `x · Wᵀ`.
 type Product = Box<dyn Fn(Tensor<2>) -> Tensor<2>>;

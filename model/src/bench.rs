@@ -51,6 +51,16 @@ pub fn shape_config(name: &str) -> Result<ModelConfig> {
     ModelConfig::from_value(value, Path::new("."), origin)
 }
 
+/// The fewest positions `bench` needs for `config`: the prefill prompt (and its next token) and, when the
+/// model takes images, the time-to-first-token prompt (one image and a 45-token question).
+pub fn min_context(config: &ModelConfig, options: &BenchOptions) -> usize {
+    let ttft = config
+        .multimodal
+        .as_ref()
+        .map_or(0, |mm| 1 + mm.tokens_per_image() + QUESTION_TOKENS);
+    (options.prompt_tokens + 1).max(ttft)
+}
+
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -231,10 +241,18 @@ mod tests {
             ),
             (4096, 32, 8, 14336)
         );
-        let mm = c.multimodal.unwrap();
+        let mm = c.multimodal.as_ref().unwrap();
         assert_eq!((mm.vision.image_size, mm.vision.patch_size), (336, 14));
         assert_eq!(mm.tokens_per_image(), 576);
+        let options = BenchOptions {
+            prompt_tokens: 16,
+            new_tokens: 8,
+            runs: 1,
+        };
+        // <s>, 576 image positions and the question: what the 7B time to first token prefills.
+        assert_eq!(min_context(&c, &options), 622);
         let b = shape_config("base").unwrap();
+        assert_eq!(min_context(&b, &options), 242);
         assert_eq!(b.multimodal.unwrap().tokens_per_image(), 196);
         assert!(
             shape_config("huge")

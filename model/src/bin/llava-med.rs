@@ -480,26 +480,36 @@ fn bench(
     json: bool,
 ) -> Result<()> {
     let (selected, quant) = args.select()?;
+    let config = match (model, shape) {
+        (Some(dir), _) => llava_med::config::ModelConfig::from_dir(dir)?,
+        (None, Some(name)) => llava_med::bench::shape_config(name)?,
+        (None, None) => bail!("give --model DIR or --shape NAME"),
+    };
+    // Checked before loading, which takes minutes for a quantised 7B model.
+    let needed = llava_med::bench::min_context(&config, options);
     // Room for the longest decode figure, not the model's whole context (a 32k KV cache would dominate
     // the memory figures).
     let longest = llava_med::bench::DECODE_CONTEXTS[2];
-    let context = args
-        .context
-        .unwrap_or(longest + options.new_tokens + 64)
-        .max(options.prompt_tokens + 1);
+    let context = match args.context {
+        Some(c) if c < needed => bail!(
+            "--context {c} is too short for bench: it needs {needed} positions (the --prompt-tokens prompt \
+             and its next token, and for the time to first token one image and a 45-token question)"
+        ),
+        Some(c) => c,
+        None => (longest + options.new_tokens + 64).max(needed),
+    };
     let start = std::time::Instant::now();
-    let loaded = match (model, shape) {
-        (Some(dir), _) => {
+    let loaded = match model {
+        Some(dir) => {
             LlavaModel::load_quantized(dir, &selected.device, selected.dtype, Some(context), quant)?
         }
-        (None, Some(name)) => LlavaModel::random(
-            llava_med::bench::shape_config(name)?,
+        None => LlavaModel::random(
+            config,
             &selected.device,
             selected.dtype,
             Some(context),
             quant,
         )?,
-        (None, None) => bail!("give --model DIR or --shape NAME"),
     };
     let load_s = start.elapsed().as_secs_f64();
     let mut report = llava_med::bench::run(&loaded, load_s, options)?;

@@ -135,6 +135,26 @@ fn missing_tokenizer() {
 }
 
 #[test]
+fn bench_rejects_a_context_too_short_before_loading() {
+    // 1 + 576 image positions + 45 question tokens: refused at once, not after minutes of quantising 7B.
+    let err = fails(&[
+        "bench",
+        "--shape",
+        "7b",
+        "--quant",
+        "int4",
+        "--context",
+        "300",
+        "--prompt-tokens",
+        "16",
+    ]);
+    assert!(
+        err.contains("--context 300 is too short for bench: it needs 622 positions"),
+        "{err}"
+    );
+}
+
+#[test]
 fn unreadable_image() {
     let s = Scratch::copy_of("tiny-llava-hf-llama", "img");
     let bad = s.0.join("scan.png");
