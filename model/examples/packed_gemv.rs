@@ -4,7 +4,7 @@
 //! weights quantised to 8 and 4 bits and in f32, `--runs N` times (default 10) after one warm-up. Prints one
 //! JSON line per format: milliseconds per layer (median, min, max), weights per second and the bytes of
 //! weights read per second, which against the machine's memory bandwidth says whether the kernel is bound by
-//! arithmetic or by memory.
+//! arithmetic or by memory; and the quantiser's time per weight (what loading a model with `--quant` costs).
 //!
 //! ```text
 //! cargo run --release -p llava-med --example packed_gemv -- [--runs N] [--rows M] [--layers L]
@@ -70,6 +70,7 @@ fn main() {
     for bits in [8usize, 4, 32] {
         let mut products: Vec<Product> = Vec::new();
         let mut bytes = 0usize;
+        let mut quantize_s = 0.0;
         for l in 0..layers {
             for (j, &(out, inp)) in LAYER.iter().enumerate() {
                 let w = weights(out * inp, (l * 8 + j) as u64 + 1);
@@ -80,11 +81,10 @@ fn main() {
                     products.push(Box::new(move |x| x.matmul(t.clone())));
                 } else {
                     bytes += packed_bytes(out, inp, bits, 2);
-                    let m = QuantizedMatrix::upload(
-                        quantize(&w, out, inp, bits, DType::F16),
-                        &device,
-                        DType::F32,
-                    );
+                    let t = Instant::now();
+                    let packed = quantize(&w, out, inp, bits, DType::F16);
+                    quantize_s += t.elapsed().as_secs_f64();
+                    let m = QuantizedMatrix::upload(packed, &device, DType::F32);
                     products.push(Box::new(move |x| m.matmul_t(x)));
                 }
             }
@@ -127,6 +127,8 @@ fn main() {
                 },
                 "gweights_per_s": weights_per_layer as f64 / ms / 1e6,
                 "weight_gb_per_s": bytes as f64 / layers as f64 / ms / 1e6,
+                "quantize_ns_per_weight": (bits != 32)
+                    .then(|| quantize_s * 1e9 / (weights_per_layer * layers) as f64),
             })
         );
     }

@@ -85,6 +85,8 @@ pub fn quantize(values: &[f32], rows: usize, cols: usize, bits: usize, dtype: DT
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let chunk = rows.div_ceil(threads).max(1);
+    #[cfg(target_arch = "x86_64")]
+    let wide = is_x86_feature_detected!("avx2");
     std::thread::scope(|scope| {
         let parts = values
             .chunks(chunk * cols)
@@ -99,6 +101,12 @@ pub fn quantize(values: &[f32], rows: usize, cols: usize, bits: usize, dtype: DT
                     .zip(p.chunks_mut(param_words))
                     .zip(s.chunks_mut(super_vals))
                 {
+                    #[cfg(target_arch = "x86_64")]
+                    if wide {
+                        // SAFETY: `wide` says this CPU has AVX2.
+                        unsafe { quantize_row_avx2(row, bits, gps, dtype, c, p, s) };
+                        continue;
+                    }
                     quantize_row(row, bits, gps, dtype, c, p, s);
                 }
             });
@@ -107,6 +115,24 @@ pub fn quantize(values: &[f32], rows: usize, cols: usize, bits: usize, dtype: DT
     out
 }
 
+/// [`quantize_row`] compiled for AVX2: the build targets baseline x86-64 (SSE2, 4 lanes), and the error
+/// sums of the range search vectorise twice as wide here. The same operations in the same order: the
+/// codes are identical either way.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_row_avx2(
+    row: &[f32],
+    bits: usize,
+    gps: usize,
+    dtype: DType,
+    codes: &mut [i32],
+    params: &mut [i32],
+    supers: &mut [f32],
+) {
+    quantize_row(row, bits, gps, dtype, codes, params, supers)
+}
+
+#[inline(always)]
 fn quantize_row(
     row: &[f32],
     bits: usize,
@@ -144,13 +170,8 @@ fn quantize_row(
             for sc in (near_s - 1).max(1)..=(near_s + 1).min(255) {
                 for mc in (near_m - 1).max(-127)..=(near_m + 1).min(127) {
                     let (scale, min) = (sc as f32 * step_s, mc as f32 * step_m);
-                    let err: f32 = values
-                        .iter()
-                        .map(|&x| {
-                            let y = round_code(x, scale, min, levels) * scale + min;
-                            (y - x) * (y - x)
-                        })
-                        .sum();
+                    let inv = 1.0 / scale;
+                    let err = squared_error(values, scale, inv, min, levels);
                     if err < best.0 {
                         best = (err, sc, mc);
                     }
@@ -158,8 +179,9 @@ fn quantize_row(
             }
             let (_, s_code, m_code) = best;
             let (scale, min) = (s_code as f32 * step_s, m_code as f32 * step_m);
+            let inv = 1.0 / scale;
             for (j, &x) in values.iter().enumerate() {
-                let q = round_code(x, scale, min, levels) as u32;
+                let q = round_code(x, scale, inv, min, levels) as u32;
                 let idx = g * GROUP + j;
                 codes[idx / per_word] |= (q << ((idx % per_word) * bits)) as i32;
             }
@@ -169,25 +191,46 @@ fn quantize_row(
     }
 }
 
-/// The code of `x` for a group with `scale` and `min`.
-fn round_code(x: f32, scale: f32, min: f32, levels: f32) -> f32 {
+/// Σ (x − dequantised x)² over a group of 32 with `scale` (> 0; `inv` = 1 / scale) and `min`, summed in 8
+/// lanes: a single running sum fixes the order of the additions and keeps the loop from vectorising.
+#[inline(always)]
+fn squared_error(values: &[f32], scale: f32, inv: f32, min: f32, levels: f32) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    for chunk in values.chunks_exact(8) {
+        for (l, &x) in lanes.iter_mut().zip(chunk) {
+            let y = round_code(x, scale, inv, min, levels) * scale + min;
+            *l += (y - x) * (y - x);
+        }
+    }
+    lanes.iter().sum()
+}
+
+/// The code of `x` for a group with `scale` (`inv` = 1 / scale) and `min`.
+#[inline(always)]
+fn round_code(x: f32, scale: f32, inv: f32, min: f32, levels: f32) -> f32 {
     if scale > 0.0 {
-        nearest(((x - min) / scale).clamp(0.0, levels))
+        nearest((x - min) * inv, levels)
     } else {
         0.0
     }
 }
 
-/// `v` rounded to the nearest integer, halves up, for 0 ≤ v ≤ 255: a truncating conversion, where
-/// `f32::round` is a library call on baseline x86-64 (a third of the quantiser's time).
+/// `v` clamped to 0..=`levels` (NaN: 0) and rounded to the nearest integer, halves to even: adding and
+/// subtracting 1.5 · 2²³ leaves no bits for a fraction. `f32::round` is a library call on baseline x86-64,
+/// and a conversion to an integer saturates in Rust, which kept the error sums from vectorising (the
+/// quantiser's time per weight: 26.7 → 17.5 ns with lanes, 6.7 ns without the conversion, at 4 bits).
 #[inline(always)]
-fn nearest(v: f32) -> f32 {
-    (v + 0.5) as i32 as f32
+fn nearest(v: f32, levels: f32) -> f32 {
+    const SHIFT: f32 = 12_582_912.0;
+    let v = if v > 0.0 { v } else { 0.0 };
+    let v = if v < levels { v } else { levels };
+    (v + SHIFT) - SHIFT
 }
 
 /// The scale and minimum of one group minimising its squared error over a few clipped ranges. With 255
 /// levels clipping never pays (it saves a fraction of a step on every value and costs several steps on the
 /// clipped one), so 8-bit groups take their full range without the search, which halves load time.
+#[inline(always)]
 fn fit_group(values: &[f32], levels: f32) -> (f32, f32) {
     let lo = values.iter().copied().fold(f32::INFINITY, f32::min);
     let hi = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -203,14 +246,7 @@ fn fit_group(values: &[f32], levels: f32) -> (f32, f32) {
         for b in TRIMS {
             let (l, h) = (lo + (hi - lo) * a, hi - (hi - lo) * b);
             let s = (h - l) / levels;
-            let inv = 1.0 / s;
-            let err: f32 = values
-                .iter()
-                .map(|&x| {
-                    let y = nearest(((x - l) * inv).clamp(0.0, levels)) * s + l;
-                    (y - x) * (y - x)
-                })
-                .sum();
+            let err = squared_error(values, s, 1.0 / s, l, levels);
             if err < best.0 {
                 best = (err, s, l);
             }
@@ -340,6 +376,55 @@ mod tests {
             for (a, b) in w[cols..].iter().zip(&back[cols..]) {
                 assert!((a - b).abs() < 0.05, "{bits} bits: {a} vs {b}");
             }
+        }
+    }
+
+    /// Packs each row with `row_fn` (the portable or the AVX2 build of [`quantize_row`]).
+    fn pack_rows(
+        w: &[f32],
+        cols: usize,
+        bits: usize,
+        row_fn: impl Fn(&[f32], &mut [i32], &mut [i32], &mut [f32]),
+    ) -> (Vec<i32>, Vec<i32>, Vec<f32>) {
+        let groups = cols / GROUP;
+        let rows = w.len() / cols;
+        let (mut c, mut p) = (
+            vec![0; rows * cols * bits / 32],
+            vec![0; rows * groups.div_ceil(2)],
+        );
+        let mut s = vec![0.0; rows * 2 * groups / groups_per_super(groups)];
+        for (r, row) in w.chunks(cols).enumerate() {
+            row_fn(
+                row,
+                &mut c[r * cols * bits / 32..][..cols * bits / 32],
+                &mut p[r * groups.div_ceil(2)..][..groups.div_ceil(2)],
+                &mut s[r * 2 * groups / groups_per_super(groups)..]
+                    [..2 * groups / groups_per_super(groups)],
+            );
+        }
+        (c, p, s)
+    }
+
+    /// The quantiser is compiled twice (baseline x86-64 and AVX2, picked at run time): a model must pack
+    /// to the same codes on every machine.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_portable_and_avx2_quantisers_give_the_same_codes() {
+        if !is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let (rows, cols) = (16, 768);
+        let w = normal_matrix(rows, cols, 5);
+        for bits in [4, 8] {
+            let gps = groups_per_super(cols / GROUP);
+            let portable = pack_rows(&w, cols, bits, |row, c, p, s| {
+                quantize_row(row, bits, gps, DType::F16, c, p, s)
+            });
+            // SAFETY: the CPU has AVX2 (checked).
+            let wide = pack_rows(&w, cols, bits, |row, c, p, s| unsafe {
+                quantize_row_avx2(row, bits, gps, DType::F16, c, p, s)
+            });
+            assert!(portable == wide, "{bits} bits: the two builds differ");
         }
     }
 
