@@ -41,7 +41,7 @@ impl Isa {
 /// `x` (rows of `k` values) in the order the codes unpack: per group of 32, for 4-bit codes the
 /// even-numbered values then the odd ones (a byte holds codes 2i and 2i + 1 in its low and high nibble);
 /// 8-bit codes unpack in order.
-fn arrange<const BITS: usize>(x: &[f32]) -> Cow<'_, [f32]> {
+pub(super) fn arrange<const BITS: usize>(x: &[f32]) -> Cow<'_, [f32]> {
     if BITS == 8 {
         return Cow::Borrowed(x);
     }
@@ -78,6 +78,57 @@ impl Packing<'_> {
         }
         rows!(1 2 3 4 5 6 7 8);
         transposed(out_t, m, n)
+    }
+
+    /// Row `o` of the matrix in [`arrange`]'s order along k (what [`Packing::matmul_t_tiles`] multiplies
+    /// with the arranged input).
+    pub(super) fn dequantize_arranged<const BITS: usize>(
+        &self,
+        isa: Isa,
+        o: usize,
+        row: &mut [f32],
+    ) {
+        match isa {
+            // SAFETY: `Isa::detect` found these instruction sets on this CPU.
+            Isa::Avx512 => unsafe { self.dequantize_arranged_avx512::<BITS>(o, row) },
+            Isa::Avx2 => unsafe { self.dequantize_arranged_avx2::<BITS>(o, row) },
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    fn dequantize_arranged_avx512<const BITS: usize>(&self, o: usize, row: &mut [f32]) {
+        let (codes, params, supers) = self.row(o);
+        let groups = row.chunks_exact_mut(GROUP).enumerate();
+        for ((g, out), sb) in groups.zip(
+            (0..supers.len() / 2).flat_map(|sb| std::iter::repeat_n(sb, self.groups_per_super)),
+        ) {
+            let units = (supers[2 * sb] / 255.0, supers[2 * sb + 1] / 127.0);
+            let (scale, min) = scale_min(params, g, units);
+            let (s, m) = (_mm512_set1_ps(scale), _mm512_set1_ps(min));
+            let q = unpack16::<BITS>(&codes[g * BITS * 4..][..BITS * 4]);
+            for (half, q) in out.chunks_exact_mut(16).zip(q) {
+                // SAFETY: `half` holds the 16 values written.
+                unsafe { _mm512_storeu_ps(half.as_mut_ptr(), _mm512_fmadd_ps(q, s, m)) };
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn dequantize_arranged_avx2<const BITS: usize>(&self, o: usize, row: &mut [f32]) {
+        let (codes, params, supers) = self.row(o);
+        let groups = row.chunks_exact_mut(GROUP).enumerate();
+        for ((g, out), sb) in groups.zip(
+            (0..supers.len() / 2).flat_map(|sb| std::iter::repeat_n(sb, self.groups_per_super)),
+        ) {
+            let units = (supers[2 * sb] / 255.0, supers[2 * sb + 1] / 127.0);
+            let (scale, min) = scale_min(params, g, units);
+            let (s, m) = (_mm256_set1_ps(scale), _mm256_set1_ps(min));
+            let q = unpack8::<BITS>(&codes[g * BITS * 4..][..BITS * 4]);
+            for (quarter, q) in out.chunks_exact_mut(8).zip(q) {
+                // SAFETY: `quarter` holds the 8 values written.
+                unsafe { _mm256_storeu_ps(quarter.as_mut_ptr(), _mm256_fmadd_ps(q, s, m)) };
+            }
+        }
     }
 
     /// Output channel `o` for each of the `M` rows: `acc[r] = Σ_k x[r, k] · W[o, k]`.
