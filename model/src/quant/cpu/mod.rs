@@ -1,7 +1,9 @@
 //! The packed-matrix operations on Burn's CPU backend (Flex) ([`super::extension`]): decoding multiplies one
 //! row by each weight matrix, and unpacking the whole matrix with generic tensor ops first (a dozen passes
 //! over it) made that 50× slower than f32. Here each group's codes are unpacked into registers and used at
-//! once; longer inputs (prefill) dequantise the matrix in one threaded pass and use Flex's matrix product.
+//! once (in AVX-512 or AVX2 where the CPU has them: `x86.rs`, else the portable loop below); longer inputs
+//! (prefill, the vision tower) are dequantised a cache-sized tile of output channels at a time and
+//! multiplied by gemm there.
 
 use std::borrow::Cow;
 
