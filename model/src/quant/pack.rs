@@ -380,6 +380,7 @@ mod tests {
     }
 
     /// Packs each row with `row_fn` (the portable or the AVX2 build of [`quantize_row`]).
+    #[cfg(target_arch = "x86_64")]
     fn pack_rows(
         w: &[f32],
         cols: usize,
