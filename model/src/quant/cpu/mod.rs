@@ -414,12 +414,10 @@ mod tests {
         }
     }
 
-    /// The AVX-512 and AVX2 products (whichever this CPU has) against the portable loop, for every row
-    /// count they take and for super-blocks of 1, 2, 4 and 8 groups.
+    /// The vector instruction sets this CPU can run, each tested separately.
     #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn the_vector_kernels_match_the_portable_loop() {
-        let isas: Vec<x86::Isa> = [
+    fn vector_isas() -> Vec<x86::Isa> {
+        [
             (x86::Isa::Avx512, is_x86_feature_detected!("avx512f")),
             (
                 x86::Isa::Avx2,
@@ -428,7 +426,15 @@ mod tests {
         ]
         .into_iter()
         .filter_map(|(isa, has)| has.then_some(isa))
-        .collect();
+        .collect()
+    }
+
+    /// The AVX-512 and AVX2 products (whichever this CPU has) against the portable loop, for every row
+    /// count they take and for super-blocks of 1, 2, 4 and 8 groups.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_vector_kernels_match_the_portable_loop() {
+        let isas = vector_isas();
         eprintln!("vector kernels tested here: {isas:?}");
         let n = 7;
         for k in [96, 64, 384, 768] {
@@ -461,6 +467,35 @@ mod tests {
                                 "{isa:?}, k {k}, {bits} bits, {m} rows: {a} vs {b}"
                             );
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The vector dequantisation for longer inputs, in the kernels' order along k, against the reference
+    /// dequantisation put in that order.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_vector_dequantisation_matches_the_reference_in_its_order() {
+        let (n, k) = (3, 768);
+        let w = pattern(n * k, 37, 101, 700.0);
+        for bits in [4, 8] {
+            let p = quantize(&w, n, k, bits, DType::F32);
+            let reference = p.dequantize();
+            let want = match bits {
+                4 => x86::arrange::<4>(&reference).into_owned(),
+                _ => x86::arrange::<8>(&reference).into_owned(),
+            };
+            for isa in vector_isas() {
+                for o in 0..n {
+                    let mut row = vec![0.0f32; k];
+                    match bits {
+                        4 => packing(&p).dequantize_arranged::<4>(isa, o, &mut row),
+                        _ => packing(&p).dequantize_arranged::<8>(isa, o, &mut row),
+                    }
+                    for (a, b) in row.iter().zip(&want[o * k..]) {
+                        assert!((a - b).abs() <= 1e-6, "{isa:?}, {bits} bits: {a} vs {b}");
                     }
                 }
             }

@@ -99,10 +99,7 @@ impl Packing<'_> {
     fn dequantize_arranged_avx512<const BITS: usize>(&self, o: usize, row: &mut [f32]) {
         let (codes, params, supers) = self.row(o);
         let groups = row.chunks_exact_mut(GROUP).enumerate();
-        for ((g, out), sb) in groups.zip(
-            (0..supers.len() / 2).flat_map(|sb| std::iter::repeat_n(sb, self.groups_per_super)),
-        ) {
-            let units = (supers[2 * sb] / 255.0, supers[2 * sb + 1] / 127.0);
+        for ((g, out), units) in groups.zip(self.group_units(supers)) {
             let (scale, min) = scale_min(params, g, units);
             let (s, m) = (_mm512_set1_ps(scale), _mm512_set1_ps(min));
             let q = unpack16::<BITS>(&codes[g * BITS * 4..][..BITS * 4]);
@@ -117,10 +114,7 @@ impl Packing<'_> {
     fn dequantize_arranged_avx2<const BITS: usize>(&self, o: usize, row: &mut [f32]) {
         let (codes, params, supers) = self.row(o);
         let groups = row.chunks_exact_mut(GROUP).enumerate();
-        for ((g, out), sb) in groups.zip(
-            (0..supers.len() / 2).flat_map(|sb| std::iter::repeat_n(sb, self.groups_per_super)),
-        ) {
-            let units = (supers[2 * sb] / 255.0, supers[2 * sb + 1] / 127.0);
+        for ((g, out), units) in groups.zip(self.group_units(supers)) {
             let (scale, min) = scale_min(params, g, units);
             let (s, m) = (_mm256_set1_ps(scale), _mm256_set1_ps(min));
             let q = unpack8::<BITS>(&codes[g * BITS * 4..][..BITS * 4]);
@@ -157,6 +151,15 @@ impl Packing<'_> {
             &self.params[o * pw..][..pw],
             &self.supers[2 * o * supers..][..2 * supers],
         )
+    }
+
+    /// Each group's super-block units (S / 255, M / 127) from a row's super-block maxima, in group order.
+    #[inline(always)]
+    fn group_units<'s>(&self, supers: &'s [f32]) -> impl Iterator<Item = (f32, f32)> + 's {
+        let gps = self.groups_per_super;
+        supers
+            .chunks_exact(2)
+            .flat_map(move |m| std::iter::repeat_n((m[0] / 255.0, m[1] / 127.0), gps))
     }
 
     #[target_feature(enable = "avx512f")]
