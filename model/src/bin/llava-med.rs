@@ -55,7 +55,12 @@ impl DeviceArgs {
     fn select(&self) -> Result<(SelectedDevice, Quantization)> {
         let choice: DeviceChoice = self.device.parse()?;
         let dtype = self.dtype.as_deref().map(parse_dtype).transpose()?;
-        Ok((select(choice, dtype)?, self.quant.parse()?))
+        let quant: Quantization = self.quant.parse()?;
+        let (selected, note) = select(choice, dtype)?.for_quantization(quant);
+        if let Some(note) = note {
+            eprintln!("note: {note}");
+        }
+        Ok((selected, quant))
     }
 }
 

@@ -253,6 +253,29 @@ fn cli_generate_tokenize_and_logits_work_on_the_fixture() {
 }
 
 #[test]
+fn quantised_cpu_models_compute_in_f32() {
+    // bf16 asked for: the CPU's packed-weight kernels are f32 only (bf16 decoded ~90× slower), so f32 is
+    // used and the user told why.
+    let out = Command::new(env!("CARGO_BIN_EXE_llava-med"))
+        .args([
+            "inspect", "--device", "cpu", "--dtype", "bf16", "--quant", "int4", "--model",
+        ])
+        .arg(fixture("tiny-llava-med-mistral"))
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("loaded as:        F32 on cpu"), "{stdout}");
+    assert!(
+        stderr.contains("--quant int4 on the CPU computes in f32"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn inspect_reports_layout_sizes_and_sources() {
     let out = Command::new(env!("CARGO_BIN_EXE_llava-med"))
         .args(["inspect", "--device", "cpu", "--model"])
