@@ -25,6 +25,18 @@ pub fn applies(device: &Device, dtype: DType) -> bool {
     false
 }
 
+/// Whether this CPU has AVX2 (checked once). The build targets baseline x86-64 (SSE2, 4 lanes), so host
+/// loops (the CPU kernels, the quantiser) are also compiled for AVX2 and chosen at run time.
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX2.get_or_init(|| std::arch::is_x86_feature_detected!("avx2"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// Launch helpers for the CubeCL kernels.
 #[cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda"))]
 pub(crate) mod device {
@@ -72,17 +84,5 @@ pub(crate) mod host {
             Some((start, end)) => Cow::Borrowed(&t.storage::<E>()[start..end]),
             None => Cow::Owned(t.to_contiguous().storage::<E>().to_vec()),
         }
-    }
-
-    /// Whether this CPU has AVX2 (checked once). The build targets baseline x86-64 (SSE2, 4 lanes), so the
-    /// kernels' loops are also compiled for AVX2 and chosen at run time.
-    pub fn has_avx2() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-            *AVX2.get_or_init(|| std::arch::is_x86_feature_detected!("avx2"))
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
     }
 }

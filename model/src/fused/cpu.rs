@@ -7,7 +7,8 @@ use burn::tensor::TensorData;
 use rayon::prelude::*;
 
 use super::extension::FusedOps;
-use crate::kernels::host::{has_avx2, values};
+use crate::kernels::has_avx2;
+use crate::kernels::host::values;
 
 /// Values per parallel task (below it, thread hand-offs cost more than they save).
 const CHUNK: usize = 16 * 1024;

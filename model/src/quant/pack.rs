@@ -86,7 +86,7 @@ pub fn quantize(values: &[f32], rows: usize, cols: usize, bits: usize, dtype: DT
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let chunk = rows.div_ceil(threads).max(1);
     #[cfg(target_arch = "x86_64")]
-    let wide = is_x86_feature_detected!("avx2");
+    let wide = crate::kernels::has_avx2();
     std::thread::scope(|scope| {
         let parts = values
             .chunks(chunk * cols)
@@ -411,7 +411,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_portable_and_avx2_quantisers_give_the_same_codes() {
-        if !is_x86_feature_detected!("avx2") {
+        if !crate::kernels::has_avx2() {
             return;
         }
         let (rows, cols) = (16, 768);

@@ -17,7 +17,8 @@ mod x86;
 
 use super::extension::{FUSED_MAX_ROWS, PackedOps};
 use super::pack::GROUP;
-use crate::kernels::host::{has_avx2, values};
+use crate::kernels::has_avx2;
+use crate::kernels::host::values;
 
 impl PackedOps for Flex {
     fn packed_matmul(
@@ -164,14 +165,7 @@ impl<'a> Packing<'a> {
         }
         let wide = has_avx2();
         self.matmul_t_tiles(x, m, n, |o, row| {
-            #[cfg(target_arch = "x86_64")]
-            if wide {
-                // SAFETY: `has_avx2` found AVX2 on this CPU.
-                unsafe { self.dequantize_row_avx2::<BITS>(o, row) };
-                return;
-            }
-            let _ = wide;
-            self.dequantize_row::<BITS>(o, row);
+            self.dequantize_row_any::<BITS>(wide, o, row)
         })
     }
 
@@ -236,17 +230,23 @@ impl<'a> Packing<'a> {
     fn dequantize_bits<const BITS: usize>(&self, n: usize) -> Vec<f32> {
         let wide = has_avx2();
         let mut out = vec![0.0f32; n * self.k];
-        out.par_chunks_mut(self.k).enumerate().for_each(|(o, row)| {
-            #[cfg(target_arch = "x86_64")]
-            if wide {
-                // SAFETY: `has_avx2` found AVX2 on this CPU.
-                unsafe { self.dequantize_row_avx2::<BITS>(o, row) };
-                return;
-            }
-            let _ = wide;
-            self.dequantize_row::<BITS>(o, row);
-        });
+        out.par_chunks_mut(self.k)
+            .enumerate()
+            .for_each(|(o, row)| self.dequantize_row_any::<BITS>(wide, o, row));
         out
+    }
+
+    /// Row `o` into `row` in natural order, with the AVX2 build when `wide` (from [`has_avx2`]).
+    #[inline(always)]
+    fn dequantize_row_any<const BITS: usize>(&self, wide: bool, o: usize, row: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: `has_avx2` found AVX2 on this CPU.
+            unsafe { self.dequantize_row_avx2::<BITS>(o, row) };
+            return;
+        }
+        let _ = wide;
+        self.dequantize_row::<BITS>(o, row);
     }
 
     #[inline(always)]
