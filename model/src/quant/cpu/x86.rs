@@ -171,7 +171,6 @@ impl Packing<'_> {
         acc: &mut [f32],
     ) {
         let (codes, params, supers) = self.row(o);
-        let gps = self.groups_per_super;
         // Two sets of sums, for even and odd groups, so consecutive groups do not wait on each other.
         let (mut even, mut odd) = ([_mm512_setzero_ps(); M], [_mm512_setzero_ps(); M]);
         let mut mins = [0.0f32; M];
@@ -186,17 +185,12 @@ impl Packing<'_> {
                 mins[r] += min * x_sums[r * self.k / GROUP + g];
             }
         };
-        // The super-block maxima once per super-block: a division per group cost more than its codes.
-        for (sb, maxima) in supers.chunks_exact(2).enumerate() {
-            let units = (maxima[0] / 255.0, maxima[1] / 127.0);
-            let (mut g, end) = (sb * gps, (sb + 1) * gps);
-            while g + 1 < end {
-                group(g, units, &mut even);
-                group(g + 1, units, &mut odd);
-                g += 2;
-            }
-            if g < end {
-                group(g, units, &mut even);
+        // Even and odd groups alternate between the two sets of sums.
+        let mut units = self.group_units(supers).enumerate();
+        while let Some((g, u)) = units.next() {
+            group(g, u, &mut even);
+            if let Some((g, u)) = units.next() {
+                group(g, u, &mut odd);
             }
         }
         for r in 0..M {
@@ -213,7 +207,6 @@ impl Packing<'_> {
         acc: &mut [f32],
     ) {
         let (codes, params, supers) = self.row(o);
-        let gps = self.groups_per_super;
         let (mut even, mut odd) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
         let mut mins = [0.0f32; M];
         let mut group = |g: usize, units: (f32, f32), sums: &mut [__m256; M]| {
@@ -230,16 +223,11 @@ impl Packing<'_> {
                 mins[r] += min * x_sums[r * self.k / GROUP + g];
             }
         };
-        for (sb, maxima) in supers.chunks_exact(2).enumerate() {
-            let units = (maxima[0] / 255.0, maxima[1] / 127.0);
-            let (mut g, end) = (sb * gps, (sb + 1) * gps);
-            while g + 1 < end {
-                group(g, units, &mut even);
-                group(g + 1, units, &mut odd);
-                g += 2;
-            }
-            if g < end {
-                group(g, units, &mut even);
+        let mut units = self.group_units(supers).enumerate();
+        while let Some((g, u)) = units.next() {
+            group(g, u, &mut even);
+            if let Some((g, u)) = units.next() {
+                group(g, u, &mut odd);
             }
         }
         for r in 0..M {
