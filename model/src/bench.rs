@@ -205,6 +205,31 @@ pub fn run(model: &LlavaModel, load_s: f64, options: &BenchOptions) -> Result<Va
         None => None,
     };
 
+    // A follow-up question in the same conversation: the image and first question are already in the
+    // KV cache (what `PromptCache` keeps between requests), so only the new question is computed.
+    let ttft_follow_up_ms = match &image {
+        Some(pixels) => {
+            let mut ids = vec![1, IMAGE_SLOT];
+            ids.extend(random_ids(&mut rng, QUESTION_TOKENS, vocab));
+            let follow_up = random_ids(&mut rng, QUESTION_TOKENS, vocab);
+            let mut cache = model.new_cache();
+            let features = model.encode_images(pixels.clone())?;
+            model.forward_last(model.embed_sequence(&ids, Some(&features))?, &mut cache)?;
+            let first_turn = cache.len();
+            Some(stats(timed(options.runs, || {
+                cache.truncate(first_turn);
+                let start = Instant::now();
+                let embeds = model.embed_sequence(&follow_up, None)?;
+                let logits = model.forward_last(embeds, &mut cache)?;
+                next_token(logits, &mut Sampler::new(greedy.clone()));
+                let ms = start.elapsed().as_secs_f64() * 1e3;
+                sample();
+                Ok(ms)
+            })?))
+        }
+        None => None,
+    };
+
     let (lm, tower, projector) = model.num_params();
     let (lm_b, tower_b, projector_b) = model.weight_bytes();
     let mb = |b: usize| b as f64 / 1e6;
@@ -220,6 +245,7 @@ pub fn run(model: &LlavaModel, load_s: f64, options: &BenchOptions) -> Result<Va
         "prefill_tokens_per_s": prefill,
         "decode": decode,
         "ttft_ms": ttft_ms,
+        "ttft_follow_up_ms": ttft_follow_up_ms,
         "peak_host_mb": peak_host_mb(),
         "peak_device_mb": device_peak.get().map(|b| b as f64 / 1e6),
     }))

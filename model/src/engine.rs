@@ -10,7 +10,9 @@ use image::DynamicImage;
 use crate::config::DecoderKind;
 use crate::device::SelectedDevice;
 use crate::error::{Error, Result};
-use crate::generate::{self, GenerateParams, Generation, SamplingParams};
+use crate::generate::{
+    self, GenerateParams, Generation, ImageFingerprint, PromptCache, PromptLayout, SamplingParams,
+};
 use crate::imaging::ClipPreprocess;
 use crate::llava::LlavaModel;
 use crate::prompt::{IMAGE_PLACEHOLDER, PromptTokenizer, Template, with_image};
@@ -122,10 +124,12 @@ impl Engine {
         ids.len() + slots * self.model.tokens_per_image().saturating_sub(1)
     }
 
-    /// Answers the last turn of a conversation, streaming text to `on_text`.
+    /// Answers the last turn of a conversation, streaming text to `on_text`; `cache` holds what an earlier
+    /// request computed (see [`PromptCache`]).
     #[allow(clippy::too_many_arguments)]
     pub fn answer(
         &self,
+        cache: &mut PromptCache,
         template: Template,
         system: Option<&str>,
         turns: &[(String, Option<String>)],
@@ -134,12 +138,12 @@ impl Engine {
         max_new_tokens: usize,
         on_text: impl FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Generation> {
-        let features = self.encode_images(images)?;
-        let ids = self.conversation_ids(template, system, turns, features.is_some())?;
+        let ids = self.conversation_ids(template, system, turns, !images.is_empty())?;
         self.generate_ids(
+            cache,
             template,
             &ids,
-            features.as_ref(),
+            images,
             sampling,
             max_new_tokens,
             &[],
@@ -147,14 +151,17 @@ impl Engine {
         )
     }
 
-    /// Generates from prompt ids (see [`Engine::conversation_ids`]) and projected image features, stopping
-    /// at the model's end ids, the template's stop strings and `extra_stops`.
+    /// Generates from prompt ids (see [`Engine::conversation_ids`]) and the images that fill their slots,
+    /// stopping at the model's end ids, the template's stop strings and `extra_stops`. Positions `cache`
+    /// already holds for the same ids and images are not computed again, nor the images whose positions
+    /// all lie among them.
     #[allow(clippy::too_many_arguments)]
     pub fn generate_ids(
         &self,
+        cache: &mut PromptCache,
         template: Template,
         ids: &[i64],
-        features: Option<&Tensor<3>>,
+        images: &[DynamicImage],
         sampling: SamplingParams,
         max_new_tokens: usize,
         extra_stops: &[String],
@@ -172,13 +179,35 @@ impl Engine {
             stop_ids: self.stop_ids(template),
             stop_strings,
         };
-        generate::generate(
+        let fingerprints: Vec<ImageFingerprint> = images.iter().map(ImageFingerprint::of).collect();
+        let image_token = self
+            .model
+            .multimodal()
+            .and_then(|m| m.image_token_index)
+            .map(i64::from);
+        let layout = PromptLayout::new(
+            ids,
+            &fingerprints,
+            self.model.tokens_per_image(),
+            image_token,
+        );
+        let reuse = cache.reuse(layout.as_ref());
+        let mut kv = cache.take(reuse.positions, || self.model.new_cache());
+        let features = self.encode_images(&images[reuse.images..])?;
+        let embeds = self
+            .model
+            .embed_sequence(&ids[reuse.id..], features.as_ref())?;
+        let generation = generate::generate_after(
             &self.model,
             &self.tokenizer,
-            ids,
-            features,
+            &mut kv,
+            embeds,
             &params,
             on_text,
-        )
+        )?;
+        if let Some(layout) = layout {
+            cache.store(kv, layout, &generation.tokens);
+        }
+        Ok(generation)
     }
 }

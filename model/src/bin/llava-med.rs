@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use image::DynamicImage;
 use llava_med::device::{DeviceChoice, SelectedDevice, parse_dtype, select};
 use llava_med::engine::Engine;
-use llava_med::generate::SamplingParams;
+use llava_med::generate::{PromptCache, SamplingParams};
 use llava_med::imaging::dicom::deid;
 use llava_med::imaging::worker::DEFAULT_DECODE_TIMEOUT_S;
 use llava_med::imaging::{
@@ -182,6 +182,10 @@ struct ServeArgs {
     /// Seconds a running generation may go on after SIGTERM before it is cancelled.
     #[arg(long, default_value_t = 2.0)]
     shutdown_grace_s: f64,
+    /// Compute every request from scratch instead of reusing the previous request's positions (its
+    /// conversation's earlier turns and images) and keeping them in memory between requests.
+    #[arg(long)]
+    no_prompt_cache: bool,
 }
 
 #[derive(Subcommand)]
@@ -356,6 +360,7 @@ fn run(cli: Cli) -> Result<()> {
             let template = template(&engine, sampling.template.as_deref())?;
             let mut out = std::io::stdout().lock();
             let g = engine.answer(
+                &mut PromptCache::disabled(),
                 template,
                 sampling.system.as_deref(),
                 &[(prompt, None)],
@@ -594,6 +599,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         shutdown_grace: Duration::try_from_secs_f64(args.shutdown_grace_s)
             .context("--shutdown-grace-s must be a number of seconds")?,
         exit_on_stdin_eof: args.exit_on_stdin_eof,
+        prompt_cache: !args.no_prompt_cache,
     };
     options.check()?;
     let engine = load(&args.model, &args.device)?;
@@ -611,6 +617,8 @@ fn chat(
     let engine = load(model, device)?;
     let template = template(&engine, sampling.template.as_deref())?;
     let mut turns: Vec<(String, Option<String>)> = Vec::new();
+    // Each turn resends the whole conversation; the cache computes only what the last turn added.
+    let mut cache = PromptCache::new();
     eprintln!(
         "llava-med chat ({template}); /image PATH attaches an image, /reset starts over, /quit ends."
     );
@@ -648,6 +656,7 @@ fn chat(
         }
         turns.push((line.to_string(), None));
         let result = engine.answer(
+            &mut cache,
             template,
             sampling.system.as_deref(),
             &turns,

@@ -1,6 +1,7 @@
 //! Text generation: one prefill over the prompt, then KV-cached decoding one token at a time, with
 //! sampling, stop conditions, a streaming callback and cancellation.
 
+pub mod prompt_cache;
 pub mod sampling;
 pub mod stop;
 
@@ -8,6 +9,7 @@ use std::ops::ControlFlow;
 
 use burn::tensor::{DType, Tensor};
 
+pub use prompt_cache::{ImageFingerprint, PromptCache, PromptLayout};
 pub use sampling::{Sampler, SamplingParams, argmax};
 pub use stop::StopScanner;
 
@@ -51,6 +53,8 @@ pub struct Generation {
     pub finish: FinishReason,
     /// Prompt length in positions (image embeddings included).
     pub prompt_positions: usize,
+    /// Of those, positions taken from a [`PromptCache`] instead of computed.
+    pub cached_positions: usize,
 }
 
 /// Generates from ids (with [`crate::llava::IMAGE_SLOT`]s) and projected image features, calling
@@ -63,15 +67,29 @@ pub fn generate(
     ids: &[i64],
     images: Option<&Tensor<3>>,
     params: &GenerateParams,
-    mut on_text: impl FnMut(&str) -> ControlFlow<()>,
+    on_text: impl FnMut(&str) -> ControlFlow<()>,
 ) -> Result<Generation> {
     let mut cache = model.new_cache();
     let embeds = model.embed_sequence(ids, images)?;
-    let prompt_positions = embeds.dims()[1];
+    generate_after(model, tokenizer, &mut cache, embeds, params, on_text)
+}
+
+/// [`generate`] for a prompt whose first `cache.len()` positions are already in `cache` (see
+/// [`PromptCache`]) and whose remaining positions are `embeds` (`[1, seq, hidden]`).
+pub fn generate_after(
+    model: &LlavaModel,
+    tokenizer: &PromptTokenizer,
+    cache: &mut KvCache,
+    embeds: Tensor<3>,
+    params: &GenerateParams,
+    mut on_text: impl FnMut(&str) -> ControlFlow<()>,
+) -> Result<Generation> {
+    let cached_positions = cache.len();
+    let prompt_positions = cached_positions + embeds.dims()[1];
     let mut sampler = Sampler::new(params.sampling.clone());
     let mut stream = StreamDecoder::default();
     let mut tokens = Vec::new();
-    let mut logits = model.forward_last(embeds, &mut cache)?;
+    let mut logits = model.forward_last(embeds, cache)?;
     let mut stops = StopScanner::new(&params.stop_strings);
     let finish = loop {
         if tokens.len() >= params.max_new_tokens {
@@ -102,7 +120,7 @@ pub fn generate(
         if cache.len() + 1 > cache.capacity() {
             break FinishReason::Length;
         }
-        logits = step(model, &mut cache, next)?;
+        logits = step(model, cache, next)?;
     };
     // Text held back as a possible stop string's start was not one after all.
     let rest = stops.finish();
@@ -115,6 +133,7 @@ pub fn generate(
         text,
         finish,
         prompt_positions,
+        cached_positions,
     })
 }
 

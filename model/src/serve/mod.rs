@@ -54,6 +54,9 @@ pub struct ServeOptions {
     pub shutdown_grace: Duration,
     /// Shut down when stdin reaches end of file (the parent process died or closed it).
     pub exit_on_stdin_eof: bool,
+    /// Keep the last request's KV cache so the next turn of the same conversation computes only its new
+    /// positions ([`crate::generate::PromptCache`]).
+    pub prompt_cache: bool,
 }
 
 impl ServeOptions {
@@ -131,7 +134,8 @@ pub fn run(engine: Engine, options: ServeOptions) -> Result<(), ServeError> {
         .build()
         .map_err(ServeError::Runtime)?;
     let engine = Arc::new(engine);
-    let (queue, worker) = queue::Queue::start(engine.clone(), options.max_queue);
+    let (queue, worker) =
+        queue::Queue::start(engine.clone(), options.max_queue, options.prompt_cache);
     let options = Arc::new(options);
     let state = routes::AppState {
         engine,

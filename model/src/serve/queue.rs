@@ -14,7 +14,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::error::ApiError;
 use crate::engine::Engine;
-use crate::generate::{FinishReason, Generation, SamplingParams};
+use crate::generate::{FinishReason, Generation, PromptCache, SamplingParams};
 use crate::prompt::Template;
 
 /// What a job needs to run.
@@ -103,8 +103,13 @@ struct Job {
 }
 
 impl Queue {
-    /// Starts the worker thread that owns the model's compute.
-    pub fn start(engine: Arc<Engine>, max_queue: usize) -> (Arc<Self>, JoinHandle<()>) {
+    /// Starts the worker thread that owns the model's compute (and, with `prompt_cache`, the KV cache kept
+    /// from one request to the next).
+    pub fn start(
+        engine: Arc<Engine>,
+        max_queue: usize,
+        prompt_cache: bool,
+    ) -> (Arc<Self>, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel::<Job>();
         let queue = Arc::new(Self {
             max_queue,
@@ -118,8 +123,13 @@ impl Queue {
         let worker = std::thread::Builder::new()
             .name("llava-med-generate".into())
             .spawn(move || {
+                let mut cache = if prompt_cache {
+                    PromptCache::new()
+                } else {
+                    PromptCache::disabled()
+                };
                 for job in rx {
-                    q.run(&engine, job);
+                    q.run(&engine, &mut cache, job);
                 }
             })
             .expect("cannot start the generation thread");
@@ -204,7 +214,7 @@ impl Queue {
         self.depth.lock().expect("queue lock").running = usize::from(running);
     }
 
-    fn run(&self, engine: &Engine, job: Job) {
+    fn run(&self, engine: &Engine, cache: &mut PromptCache, job: Job) {
         let Job {
             _slot: slot,
             work: w,
@@ -234,11 +244,11 @@ impl Queue {
         let _ = events.send(JobEvent::Started);
         // A panic inside the engine fails this request, not the server.
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            let features = engine.encode_images(&w.images)?;
             engine.generate_ids(
+                cache,
                 w.template,
                 &w.ids,
-                features.as_ref(),
+                &w.images,
                 w.sampling.clone(),
                 w.max_new_tokens,
                 &w.stop,

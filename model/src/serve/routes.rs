@@ -309,7 +309,8 @@ impl Reply {
     fn usage(g: &Generation) -> Value {
         let completion = g.tokens.len();
         json!({"prompt_tokens": g.prompt_positions, "completion_tokens": completion,
-               "total_tokens": g.prompt_positions + completion})
+               "total_tokens": g.prompt_positions + completion,
+               "prompt_tokens_details": {"cached_tokens": g.cached_positions}})
     }
 
     fn finish_reason(g: &Generation) -> &'static str {
@@ -324,6 +325,7 @@ impl Reply {
             id = self.id,
             stream,
             prompt_tokens = g.prompt_positions,
+            cached_tokens = g.cached_positions,
             completion_tokens = g.tokens.len(),
             finish = Self::finish_reason(g),
             ms = self.start.elapsed().as_millis() as u64,

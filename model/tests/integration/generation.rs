@@ -6,9 +6,10 @@ use std::ops::ControlFlow;
 use std::process::{Command, Stdio};
 
 use burn::tensor::{DType, Device};
+use image::DynamicImage;
 use llava_med::device::{DeviceChoice, SelectedDevice};
 use llava_med::engine::Engine;
-use llava_med::generate::{FinishReason, SamplingParams};
+use llava_med::generate::{FinishReason, Generation, PromptCache, SamplingParams};
 use llava_med::imaging::load_image;
 use llava_med::llava::VisionWeightsSource;
 use llava_med::prompt::{PromptTokenizer, StreamDecoder};
@@ -32,6 +33,7 @@ fn ask(
     let mut pieces = 0;
     let g = engine
         .answer(
+            &mut PromptCache::disabled(),
             engine.template,
             None,
             &[("What is shown?".into(), None)],
@@ -73,6 +75,69 @@ fn seeded_sampling_repeats_and_cancellation_stops() {
     let (cut, finish) = ask(&engine, SamplingParams::default(), Some(2));
     assert_eq!(finish, FinishReason::Cancelled);
     assert!(cut.len() < greedy.len() && greedy.starts_with(&cut));
+}
+
+/// One greedy answer of up to 10 tokens.
+fn reply(
+    engine: &Engine,
+    cache: &mut PromptCache,
+    turns: &[(String, Option<String>)],
+    images: &[DynamicImage],
+) -> Generation {
+    engine
+        .answer(
+            cache,
+            engine.template,
+            None,
+            turns,
+            images,
+            SamplingParams::default(),
+            10,
+            |_| ControlFlow::Continue(()),
+        )
+        .unwrap()
+}
+
+#[test]
+fn follow_up_turns_reuse_the_prompt_cache_and_answer_the_same() {
+    // An <image> slot (LLaVA-Med) and runs of image tokens (llava-hf).
+    for name in ["tiny-llava-med-mistral", "tiny-llava-hf-llama"] {
+        let engine = Engine::load(&fixture(name), cpu(), None).unwrap();
+        let image = load_image(&fixture("tiny-llava-med-mistral/image.png")).unwrap();
+        let mut darker = image.to_rgb8();
+        darker.get_pixel_mut(0, 0).0[0] ^= 1;
+        let darker = [DynamicImage::ImageRgb8(darker)];
+        let image = [image];
+        let per_image = engine.model.tokens_per_image();
+        let mut cache = PromptCache::new();
+        let mut turns = vec![("What is shown?".to_string(), None)];
+        let first = reply(&engine, &mut cache, &turns, &image);
+        assert_eq!(first.cached_positions, 0);
+        turns[0].1 = Some(first.text.trim().to_string());
+        turns.push(("Is it normal?".to_string(), None));
+        let second = reply(&engine, &mut cache, &turns, &image);
+        let fresh = reply(&engine, &mut PromptCache::disabled(), &turns, &image);
+        assert_eq!(fresh.cached_positions, 0);
+        assert_eq!(second.tokens, fresh.tokens, "{name}");
+        assert_eq!(second.prompt_positions, fresh.prompt_positions);
+        assert!(
+            second.cached_positions >= first.prompt_positions
+                && second.cached_positions < second.prompt_positions,
+            "{name}: {} of {} positions cached (first prompt {})",
+            second.cached_positions,
+            second.prompt_positions,
+            first.prompt_positions
+        );
+        // One pixel changed: nothing from the image on is reused, and the answer is the uncached one.
+        let other = reply(&engine, &mut cache, &turns, &darker);
+        assert!(other.cached_positions < second.prompt_positions - per_image - 2);
+        let other_fresh = reply(&engine, &mut PromptCache::disabled(), &turns, &darker);
+        assert_eq!(other.tokens, other_fresh.tokens, "{name}");
+        // Text only after an image conversation: the cache holds nothing it can use past the template.
+        let text = reply(&engine, &mut cache, &turns[1..], &[]);
+        let text_fresh = reply(&engine, &mut PromptCache::disabled(), &turns[1..], &[]);
+        assert_eq!(text.tokens, text_fresh.tokens, "{name}");
+    }
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::path::Path;
 use burn::tensor::{DType, Device};
 use llava_med::device::{DeviceChoice, SelectedDevice};
 use llava_med::engine::Engine;
-use llava_med::generate::{SamplingParams, argmax};
+use llava_med::generate::{PromptCache, SamplingParams, argmax};
 use llava_med::imaging::load_image;
 use llava_med::quant::{Quantization, footprint};
 
@@ -53,6 +53,7 @@ fn agreement(dir: &Path, prompts: &[Prompt], n: usize, quant: Quantization) -> A
         let turns = [(question.to_string(), None)];
         let answer = full
             .answer(
+                &mut PromptCache::disabled(),
                 full.template,
                 None,
                 &turns,

@@ -6,7 +6,7 @@ use std::ops::ControlFlow;
 use burn::tensor::{DType, Device};
 use llava_med::device::{DeviceChoice, SelectedDevice};
 use llava_med::engine::Engine;
-use llava_med::generate::SamplingParams;
+use llava_med::generate::{PromptCache, SamplingParams};
 use llava_med::prompt::Template;
 
 use crate::common::{Reference, assert_close, fixture, required_test_data, to_vec};
@@ -63,6 +63,7 @@ fn smollm2_answers_the_capital_of_france() {
     let mut streamed = String::new();
     let g = engine
         .answer(
+            &mut PromptCache::disabled(),
             Template::ChatMl,
             system,
             &turns,

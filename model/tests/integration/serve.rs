@@ -362,13 +362,20 @@ fn answers_equal_generate_streamed_or_not_with_png_and_dicom() {
         ids.len() - 1 + per_image
     );
     assert_eq!(j["usage"]["completion_tokens"], 12);
+    assert_eq!(j["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
     assert_eq!(j["choices"][0]["finish_reason"], "length");
 
     let r = server.post(&chat_body(prompt, Some(url), 12, true));
     let (text, finish, usage) = collect_stream(&r);
     assert_eq!(text, want["text"].as_str().unwrap());
     assert_eq!(finish, "length");
-    assert_eq!(usage, j["usage"]);
+    assert_eq!(usage["prompt_tokens"], j["usage"]["prompt_tokens"]);
+    assert_eq!(usage["completion_tokens"], j["usage"]["completion_tokens"]);
+    // The same prompt again: all of it but its last position came from the prompt cache.
+    assert_eq!(
+        usage["prompt_tokens_details"]["cached_tokens"],
+        ids.len() - 1 + per_image - 1
+    );
 
     // DICOM bytes with the window extension field = `generate --image X.dcm --window lung`.
     if let Some(dcm) = required_test_data("dicom/pydicom/CT_small.dcm") {
@@ -380,7 +387,10 @@ fn answers_equal_generate_streamed_or_not_with_png_and_dicom() {
         let bone = server
             .post(&chat_body(prompt, Some(other), 8, false))
             .json();
-        assert_eq!(bone["usage"], j["usage"]);
+        assert_eq!(bone["usage"]["prompt_tokens"], j["usage"]["prompt_tokens"]);
+        // Other pixels: only the text before the image is reused.
+        let cached = bone["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64();
+        assert!(cached.unwrap() < ids.len() as u64, "{bone}");
     }
 
     let models = server.request("GET", "/v1/models", &[], b"").json();
@@ -836,6 +846,60 @@ fn stdin_eof_stops_the_server_when_asked() {
     drop(server.stdin.take());
     let (code, _) = server.wait_exit(Duration::from_secs(5));
     assert_eq!(code, Some(0), "{}", server.stderr.lock().unwrap());
+}
+
+/// A two-turn conversation's second turn, as clients send it: the whole conversation again.
+fn second_turn(server: &Server, first_answer: &str) -> Value {
+    let url = json!({"url": data_url(&image_path(), "image/png")});
+    let body = json!({"model": MODEL, "temperature": 0, "max_tokens": 10, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "What does this image show?"},
+                                     {"type": "image_url", "image_url": url}]},
+        {"role": "assistant", "content": first_answer},
+        {"role": "user", "content": "Is there anything abnormal?"}]});
+    let r = server.post(&body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+#[test]
+fn a_follow_up_turn_computes_only_its_new_positions() {
+    let first = |server: &Server| {
+        let url = json!({"url": data_url(&image_path(), "image/png")});
+        server
+            .post(&chat_body(
+                "What does this image show?",
+                Some(url),
+                10,
+                false,
+            ))
+            .json()
+    };
+    let cached = Server::start(&[]);
+    let one = first(&cached);
+    let answer = one["choices"][0]["message"]["content"].as_str().unwrap();
+    let two = second_turn(&cached, answer);
+    let uncached = Server::start(&["--no-prompt-cache"]);
+    assert_eq!(first(&uncached)["choices"], one["choices"]);
+    let want = second_turn(&uncached, answer);
+    assert_eq!(want["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(
+        two["choices"], want["choices"],
+        "cached and uncached answers differ"
+    );
+    assert_eq!(
+        two["usage"]["prompt_tokens"],
+        want["usage"]["prompt_tokens"]
+    );
+    // At least the first turn's prompt (image included) came from the cache, and not the new question.
+    let cached_tokens = two["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    let first_prompt = one["usage"]["prompt_tokens"].as_u64().unwrap();
+    let prompt = two["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        cached_tokens >= first_prompt && cached_tokens + 5 < prompt,
+        "{cached_tokens} cached of {prompt} (first turn {first_prompt})"
+    );
 }
 
 #[test]
