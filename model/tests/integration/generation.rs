@@ -100,9 +100,23 @@ fn reply(
 
 #[test]
 fn follow_up_turns_reuse_the_prompt_cache_and_answer_the_same() {
+    check_prompt_cache(cpu);
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn follow_up_turns_reuse_the_prompt_cache_on_wgpu() {
+    check_prompt_cache(|| SelectedDevice {
+        device: Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
+        dtype: DType::F32,
+        kind: DeviceChoice::Wgpu,
+    });
+}
+
+fn check_prompt_cache(device: impl Fn() -> SelectedDevice) {
     // An <image> slot (LLaVA-Med) and runs of image tokens (llava-hf).
     for name in ["tiny-llava-med-mistral", "tiny-llava-hf-llama"] {
-        let engine = Engine::load(&fixture(name), cpu(), None).unwrap();
+        let engine = Engine::load(&fixture(name), device(), None).unwrap();
         let image = load_image(&fixture("tiny-llava-med-mistral/image.png")).unwrap();
         let mut darker = image.to_rgb8();
         darker.get_pixel_mut(0, 0).0[0] ^= 1;

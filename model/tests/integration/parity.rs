@@ -65,9 +65,40 @@ fn check_fixture(name: &str, device: &Device, tol: f32) {
         &want_logits,
         tol,
     );
+    let embeds = model.embed_sequence(&ids, Some(&feats)).unwrap();
+    check_in_two_parts(name, &model, embeds, &want_logits, tol);
 
     // Greedy decoding: KV cache = full recomputation = transformers.
     check_greedy(name, &model, &tok, &ids, Some(&feats), &reference);
+}
+
+/// A prompt run as a prefix and then the rest on top of its KV cache (what the prompt cache does for a
+/// follow-up turn) gives the rest's reference logits: the causal mask of a multi-position step that starts
+/// after cached positions, on every backend's attention.
+fn check_in_two_parts(
+    name: &str,
+    model: &LlavaModel,
+    embeds: burn::tensor::Tensor<3>,
+    want_logits: &[f32],
+    tol: f32,
+) {
+    let [_, seq, _] = embeds.dims();
+    let vocab = want_logits.len() / seq;
+    for split in [1, seq / 2, seq - 2] {
+        let mut cache = model.new_cache();
+        model
+            .forward(embeds.clone().narrow(1, 0, split), &mut cache)
+            .unwrap();
+        let rest = model
+            .forward(embeds.clone().narrow(1, split, seq - split), &mut cache)
+            .unwrap();
+        assert_close(
+            &format!("{name} logits after {split} cached positions"),
+            &to_vec(rest),
+            &want_logits[split * vocab..],
+            tol,
+        );
+    }
 }
 
 /// KV-cached greedy decoding and greedy by recomputing the whole sequence both give the reference tokens.
@@ -178,6 +209,14 @@ fn check_sliding_window(device: &Device, tol: f32) {
     assert_close(
         "sliding-window Mistral logits",
         &to_vec(logits),
+        &reference.f32("logits").0,
+        tol,
+    );
+    let embeds = model.embed_sequence(&ids, None).unwrap();
+    check_in_two_parts(
+        "sliding-window Mistral",
+        &model,
+        embeds,
         &reference.f32("logits").0,
         tol,
     );
