@@ -45,10 +45,13 @@ pub(super) fn arrange<const BITS: usize>(x: &[f32]) -> Cow<'_, [f32]> {
     if BITS == 8 {
         return Cow::Borrowed(x);
     }
-    let mut out = Vec::with_capacity(x.len());
-    for group in x.chunks_exact(GROUP) {
-        out.extend(group.iter().step_by(2));
-        out.extend(group.iter().skip(1).step_by(2));
+    let mut out = vec![0.0f32; x.len()];
+    for (s, d) in x.chunks_exact(GROUP).zip(out.chunks_exact_mut(GROUP)) {
+        let (even, odd) = d.split_at_mut(GROUP / 2);
+        for i in 0..GROUP / 2 {
+            even[i] = s[2 * i];
+            odd[i] = s[2 * i + 1];
+        }
     }
     Cow::Owned(out)
 }
@@ -80,29 +83,44 @@ impl Packing<'_> {
         transposed(out_t, m, n)
     }
 
-    /// Row `o` of the matrix in [`arrange`]'s order along k (what [`Packing::matmul_t_tiles`] multiplies
-    /// with the arranged input).
-    pub(super) fn dequantize_arranged<const BITS: usize>(
+    /// Groups `first..` of row `o` (as many as `row` holds) in natural order, for
+    /// [`Packing::matmul_t_tiles`]; `first` starts a super-block. (Natural order, not [`arrange`]'s: a
+    /// long input rearranged took longer than interleaving the dequantised values, mostly in page faults
+    /// of the fresh copy.)
+    pub(super) fn dequantize_vector<const BITS: usize>(
         &self,
         isa: Isa,
         o: usize,
+        first: usize,
         row: &mut [f32],
     ) {
+        debug_assert_eq!(first % self.groups_per_super, 0);
         match isa {
             // SAFETY: `Isa::detect` found these instruction sets on this CPU.
-            Isa::Avx512 => unsafe { self.dequantize_arranged_avx512::<BITS>(o, row) },
-            Isa::Avx2 => unsafe { self.dequantize_arranged_avx2::<BITS>(o, row) },
+            Isa::Avx512 => unsafe { self.dequantize_avx512::<BITS>(o, first, row) },
+            Isa::Avx2 => unsafe { self.dequantize_avx2::<BITS>(o, first, row) },
         }
     }
 
     #[target_feature(enable = "avx512f")]
-    fn dequantize_arranged_avx512<const BITS: usize>(&self, o: usize, row: &mut [f32]) {
+    fn dequantize_avx512<const BITS: usize>(&self, o: usize, first: usize, row: &mut [f32]) {
         let (codes, params, supers) = self.row(o);
-        let groups = row.chunks_exact_mut(GROUP).enumerate();
+        let supers = &supers[2 * (first / self.groups_per_super)..];
+        let groups = (first..).zip(row.chunks_exact_mut(GROUP));
+        // Lanes of (even, odd) that interleave into values 0–15 and 16–31.
+        let first_half = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let second_half = _mm512_add_epi32(first_half, _mm512_set1_epi32(8));
         for ((g, out), units) in groups.zip(self.group_units(supers)) {
             let (scale, min) = scale_min(params, g, units);
             let (s, m) = (_mm512_set1_ps(scale), _mm512_set1_ps(min));
-            let q = unpack16::<BITS>(&codes[g * BITS * 4..][..BITS * 4]);
+            let mut q = unpack16::<BITS>(&codes[g * BITS * 4..][..BITS * 4]);
+            if BITS == 4 {
+                let [even, odd] = q;
+                q = [
+                    _mm512_permutex2var_ps(even, first_half, odd),
+                    _mm512_permutex2var_ps(even, second_half, odd),
+                ];
+            }
             for (half, q) in out.chunks_exact_mut(16).zip(q) {
                 // SAFETY: `half` holds the 16 values written.
                 unsafe { _mm512_storeu_ps(half.as_mut_ptr(), _mm512_fmadd_ps(q, s, m)) };
@@ -111,13 +129,26 @@ impl Packing<'_> {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    fn dequantize_arranged_avx2<const BITS: usize>(&self, o: usize, row: &mut [f32]) {
+    fn dequantize_avx2<const BITS: usize>(&self, o: usize, first: usize, row: &mut [f32]) {
         let (codes, params, supers) = self.row(o);
-        let groups = row.chunks_exact_mut(GROUP).enumerate();
+        let supers = &supers[2 * (first / self.groups_per_super)..];
+        let groups = (first..).zip(row.chunks_exact_mut(GROUP));
         for ((g, out), units) in groups.zip(self.group_units(supers)) {
             let (scale, min) = scale_min(params, g, units);
             let (s, m) = (_mm256_set1_ps(scale), _mm256_set1_ps(min));
-            let q = unpack8::<BITS>(&codes[g * BITS * 4..][..BITS * 4]);
+            let mut q = unpack8::<BITS>(&codes[g * BITS * 4..][..BITS * 4]);
+            if BITS == 4 {
+                // (even 0–7, even 8–15, odd 0–7, odd 8–15) interleaved, 4 values per 128-bit lane.
+                let [e0, e1, o0, o1] = q;
+                let (lo0, hi0) = (_mm256_unpacklo_ps(e0, o0), _mm256_unpackhi_ps(e0, o0));
+                let (lo1, hi1) = (_mm256_unpacklo_ps(e1, o1), _mm256_unpackhi_ps(e1, o1));
+                q = [
+                    _mm256_permute2f128_ps::<0x20>(lo0, hi0),
+                    _mm256_permute2f128_ps::<0x31>(lo0, hi0),
+                    _mm256_permute2f128_ps::<0x20>(lo1, hi1),
+                    _mm256_permute2f128_ps::<0x31>(lo1, hi1),
+                ];
+            }
             for (quarter, q) in out.chunks_exact_mut(8).zip(q) {
                 // SAFETY: `quarter` holds the 8 values written.
                 unsafe { _mm256_storeu_ps(quarter.as_mut_ptr(), _mm256_fmadd_ps(q, s, m)) };
