@@ -192,7 +192,7 @@ impl Engine {
             image_token,
         );
         let reuse = cache.reuse(layout.as_ref());
-        let mut kv = cache.take(reuse.positions, || self.model.new_cache());
+        let mut kv = cache.take(&reuse, || self.model.new_cache());
         let features = self.encode_images(&images[reuse.images..])?;
         let embeds = self
             .model

@@ -182,9 +182,12 @@ struct ServeArgs {
     /// Seconds a running generation may go on after SIGTERM before it is cancelled.
     #[arg(long, default_value_t = 2.0)]
     shutdown_grace_s: f64,
-    /// Compute every request from scratch instead of reusing the previous request's positions (its
-    /// conversation's earlier turns and images) and keeping them in memory between requests.
-    #[arg(long)]
+    /// Conversations whose positions (earlier turns, images) are kept in memory between requests so their
+    /// next turns compute only what is new; each holds a context's KV cache.
+    #[arg(long, default_value_t = 1)]
+    prompt_cache_slots: usize,
+    /// Compute every request from scratch and keep nothing between requests (= --prompt-cache-slots 0).
+    #[arg(long, conflicts_with = "prompt_cache_slots")]
     no_prompt_cache: bool,
 }
 
@@ -599,7 +602,11 @@ fn serve(args: ServeArgs) -> Result<()> {
         shutdown_grace: Duration::try_from_secs_f64(args.shutdown_grace_s)
             .context("--shutdown-grace-s must be a number of seconds")?,
         exit_on_stdin_eof: args.exit_on_stdin_eof,
-        prompt_cache: !args.no_prompt_cache,
+        prompt_cache_slots: if args.no_prompt_cache {
+            0
+        } else {
+            args.prompt_cache_slots
+        },
     };
     options.check()?;
     let engine = load(&args.model, &args.device)?;

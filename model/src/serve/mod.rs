@@ -54,9 +54,9 @@ pub struct ServeOptions {
     pub shutdown_grace: Duration,
     /// Shut down when stdin reaches end of file (the parent process died or closed it).
     pub exit_on_stdin_eof: bool,
-    /// Keep the last request's KV cache so the next turn of the same conversation computes only its new
-    /// positions ([`crate::generate::PromptCache`]).
-    pub prompt_cache: bool,
+    /// Conversations whose KV caches are kept between requests, so the next turn of each computes only
+    /// its new positions ([`crate::generate::PromptCache`]); 0 keeps none.
+    pub prompt_cache_slots: usize,
 }
 
 impl ServeOptions {
@@ -134,8 +134,11 @@ pub fn run(engine: Engine, options: ServeOptions) -> Result<(), ServeError> {
         .build()
         .map_err(ServeError::Runtime)?;
     let engine = Arc::new(engine);
-    let (queue, worker) =
-        queue::Queue::start(engine.clone(), options.max_queue, options.prompt_cache);
+    let (queue, worker) = queue::Queue::start(
+        engine.clone(),
+        options.max_queue,
+        options.prompt_cache_slots,
+    );
     let options = Arc::new(options);
     let state = routes::AppState {
         engine,

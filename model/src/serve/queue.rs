@@ -103,12 +103,12 @@ struct Job {
 }
 
 impl Queue {
-    /// Starts the worker thread that owns the model's compute (and, with `prompt_cache`, the KV cache kept
-    /// from one request to the next).
+    /// Starts the worker thread that owns the model's compute (and the KV caches of up to
+    /// `prompt_cache_slots` recent conversations, kept from one request to the next).
     pub fn start(
         engine: Arc<Engine>,
         max_queue: usize,
-        prompt_cache: bool,
+        prompt_cache_slots: usize,
     ) -> (Arc<Self>, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel::<Job>();
         let queue = Arc::new(Self {
@@ -123,11 +123,7 @@ impl Queue {
         let worker = std::thread::Builder::new()
             .name("llava-med-generate".into())
             .spawn(move || {
-                let mut cache = if prompt_cache {
-                    PromptCache::new()
-                } else {
-                    PromptCache::disabled()
-                };
+                let mut cache = PromptCache::with_slots(prompt_cache_slots);
                 for job in rx {
                     q.run(&engine, &mut cache, job);
                 }

@@ -903,6 +903,38 @@ fn a_follow_up_turn_computes_only_its_new_positions() {
 }
 
 #[test]
+fn prompt_cache_slots_keep_several_conversations() {
+    // A second image: the fixture with one pixel changed.
+    let mut img = image::open(image_path()).unwrap().to_rgb8();
+    img.get_pixel_mut(0, 0).0[0] ^= 1;
+    let other = std::env::temp_dir().join(format!("llava-med-slots-{}.png", std::process::id()));
+    img.save(&other).unwrap();
+    let ask = |server: &Server, path: &Path, question: &str| {
+        let url = json!({"url": data_url(path, "image/png")});
+        let j = server
+            .post(&chat_body(question, Some(url), 4, false))
+            .json();
+        j["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+    };
+    let per_image = 16;
+    // Two slots: back to the first image after the second, its positions are still there.
+    let two = Server::start(&["--prompt-cache-slots", "2"]);
+    ask(&two, &image_path(), "What does this image show?");
+    ask(&two, &other, "What does this image show?");
+    let cached = ask(&two, &image_path(), "Is it normal?");
+    assert!(cached > per_image, "{cached}");
+    // One slot (the default): the second image replaced the first.
+    let one = Server::start(&[]);
+    ask(&one, &image_path(), "What does this image show?");
+    ask(&one, &other, "What does this image show?");
+    let cached = ask(&one, &image_path(), "Is it normal?");
+    assert!(cached < per_image, "{cached}");
+    let _ = std::fs::remove_file(other);
+}
+
+#[test]
 fn prompts_are_not_logged_unless_asked() {
     let secret = "Patient John Q Example, MRN 123456";
     for (flag, logged) in [(None, false), (Some("--log-prompts"), true)] {
