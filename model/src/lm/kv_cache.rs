@@ -63,6 +63,15 @@ impl KvCache {
         self.capacity
     }
 
+    /// Bytes its buffers take (all positions, filled or not).
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.k, &l.v])
+            .map(|t| t.shape().num_elements() * t.dtype().size())
+            .sum()
+    }
+
     /// Forgets everything (keeps the memory).
     pub fn reset(&mut self) {
         self.len = 0;
@@ -115,5 +124,33 @@ impl KvCache {
     /// Marks `seq` more positions as filled.
     pub fn advance(&mut self, seq: usize) {
         self.len += seq;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::DType;
+
+    use crate::LlavaModel;
+    use crate::bench::shape_config;
+    use crate::quant::Quantization;
+
+    /// What the server reports per prompt-cache slot is what a cache allocates.
+    #[test]
+    fn the_decoder_knows_its_cache_size() {
+        let device = burn::tensor::Device::default();
+        for dtype in [DType::F32, DType::F16] {
+            let config = shape_config("tiny").unwrap();
+            let model =
+                LlavaModel::random(config, &device, dtype, Some(96), Quantization::None).unwrap();
+            let cache = model.new_cache();
+            assert!(cache.bytes() > 0);
+            assert_eq!(model.lm.kv_cache_bytes(96), cache.bytes());
+            assert_eq!(
+                model.lm.kv_cache_bytes(10_000),
+                cache.bytes(),
+                "capped at the context"
+            );
+        }
     }
 }

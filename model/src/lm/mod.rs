@@ -151,6 +151,12 @@ impl Decoder {
         )
     }
 
+    /// Bytes a KV cache of one sequence of `capacity` positions takes ([`Decoder::new_cache`]).
+    pub fn kv_cache_bytes(&self, capacity: usize) -> usize {
+        let positions = capacity.min(self.max_positions());
+        self.layers.len() * 2 * self.num_kv_heads * self.head_dim * positions * self.dtype().size()
+    }
+
     /// Token embeddings: `[batch, seq]` ids → `[batch, seq, hidden]`.
     pub fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
         self.embed_tokens.forward(ids)

@@ -133,6 +133,12 @@ pub fn run(engine: Engine, options: ServeOptions) -> Result<(), ServeError> {
         .thread_name("llava-med-http")
         .build()
         .map_err(ServeError::Runtime)?;
+    let lm = &engine.model.lm;
+    tracing::info!(
+        slots = options.prompt_cache_slots,
+        mb_per_slot = lm.kv_cache_bytes(lm.max_positions()) / 1_000_000,
+        "prompt cache: the KV caches of up to this many conversations are kept between requests"
+    );
     let engine = Arc::new(engine);
     let (queue, worker) = queue::Queue::start(
         engine.clone(),
