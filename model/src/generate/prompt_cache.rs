@@ -201,12 +201,9 @@ impl PromptCache {
     pub fn take(&mut self, reuse: &Reuse, fresh: impl FnOnce() -> KvCache) -> KvCache {
         if let Some(i) = reuse.slot.filter(|&i| i < self.slots.len()) {
             let mut kv = self.slots.swap_remove(i).kv;
+            // `store` keeps no more keys than the cache holds positions, so `reuse` never plans more.
+            debug_assert!(kv.len() >= reuse.positions);
             kv.truncate(reuse.positions);
-            if kv.len() < reuse.positions {
-                // Held fewer than planned: cannot happen after `reuse`, but never compute on missing
-                // positions.
-                kv.reset();
-            }
             return kv;
         }
         if self.capacity > 0
