@@ -180,23 +180,19 @@ impl Engine {
             stop_strings,
         };
         let fingerprints: Vec<ImageFingerprint> = images.iter().map(ImageFingerprint::of).collect();
-        let image_token = self
-            .model
-            .multimodal()
-            .and_then(|m| m.image_token_index)
-            .map(i64::from);
         let layout = PromptLayout::new(
             ids,
             &fingerprints,
             self.model.tokens_per_image(),
-            image_token,
+            self.model.image_token(),
         );
         let reuse = cache.reuse(layout.as_ref());
-        let mut kv = cache.take(&reuse, || self.model.new_cache());
         let features = self.encode_images(&images[reuse.images..])?;
         let embeds = self
             .model
             .embed_sequence(&ids[reuse.id..], features.as_ref())?;
+        // Taken only now: a request that fails on its images or ids leaves every slot as it was.
+        let mut kv = cache.take(&reuse, || self.model.new_cache());
         let generation = generate::generate_after(
             &self.model,
             &self.tokenizer,

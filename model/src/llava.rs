@@ -240,15 +240,19 @@ impl LlavaModel {
         Ok(v.projector.forward(feats))
     }
 
+    /// The id that stands for one image embedding in llava-hf prompts (`image_token_index`), if any.
+    pub fn image_token(&self) -> Option<i64> {
+        self.multimodal()
+            .and_then(|m| m.image_token_index)
+            .map(i64::from)
+    }
+
     /// Input embeddings `[1, seq, hidden]` for ids where [`IMAGE_SLOT`] stands for one whole image and, for
     /// llava-hf checkpoints, each `image_token_index` for one image embedding, both filled in order from
     /// `images` (`[images, tokens_per_image, hidden]`). The counts must match exactly.
     pub fn embed_sequence(&self, ids: &[i64], images: Option<&Tensor<3>>) -> Result<Tensor<3>> {
         let vocab = self.lm.vocab_size() as i64;
-        let image_token = self
-            .multimodal()
-            .and_then(|m| m.image_token_index)
-            .map(i64::from);
+        let image_token = self.image_token();
         let rows = images.map(|t| {
             let [n, p, d] = t.dims();
             t.clone().reshape([n * p, d])

@@ -162,11 +162,6 @@ impl PromptCache {
         self.slots.len()
     }
 
-    /// Forgets everything and frees the memory.
-    pub fn clear(&mut self) {
-        self.slots.clear();
-    }
-
     /// How much of `layout` the cache holds: the longest common prefix with any slot, short of the whole
     /// prompt (the last position is computed for its logits), moved back to the start of an id and of an
     /// image. A slot that shares less than half of what it holds (another conversation that only begins

@@ -130,6 +130,28 @@ fn check_prompt_cache(device: impl Fn() -> SelectedDevice) {
         turns[0].1 = Some(first.text.trim().to_string());
         turns.push(("Is it normal?".to_string(), None));
         let second = reply(&engine, &mut cache, &turns, &image);
+        // A request that fails (an image slot with no image) leaves the cached conversation alone: the
+        // same prompt again reuses all of it but its last position.
+        let err = engine
+            .generate_ids(
+                &mut cache,
+                engine.template,
+                &[1, llava_med::IMAGE_SLOT, 5],
+                &[],
+                SamplingParams::default(),
+                4,
+                &[],
+                |_| ControlFlow::Continue(()),
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("image"), "{err}");
+        let again = reply(&engine, &mut cache, &turns, &image);
+        assert_eq!(
+            again.cached_positions,
+            second.prompt_positions - 1,
+            "{name}"
+        );
+        assert_eq!(again.tokens, second.tokens);
         let fresh = reply(&engine, &mut PromptCache::disabled(), &turns, &image);
         assert_eq!(fresh.cached_positions, 0);
         assert_eq!(second.tokens, fresh.tokens, "{name}");
