@@ -15,6 +15,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::generate::{Sampler, SamplingParams, next_token, step};
 use crate::llava::{IMAGE_SLOT, LlavaModel};
+use crate::lm::KvCache;
 
 /// The named shapes (llava-hf configs): `tiny`, `base`, `7b`.
 pub const SHAPES_JSON: &str = include_str!("../../bench/shapes.json");
@@ -186,48 +187,40 @@ pub fn run(model: &LlavaModel, load_s: f64, options: &BenchOptions) -> Result<Va
         );
     }
 
-    let ttft_ms = match &image {
-        Some(pixels) => {
-            let mut ids = vec![1, IMAGE_SLOT];
-            ids.extend(random_ids(&mut rng, QUESTION_TOKENS, vocab));
-            Some(stats(timed(options.runs, || {
-                let start = Instant::now();
-                let features = model.encode_images(pixels.clone())?;
-                let mut cache = model.new_cache();
-                let embeds = model.embed_sequence(&ids, Some(&features))?;
-                let logits = model.forward_last(embeds, &mut cache)?;
-                next_token(logits, &mut Sampler::new(greedy.clone()));
-                let ms = start.elapsed().as_secs_f64() * 1e3;
-                sample();
-                Ok(ms)
-            })?))
-        }
-        None => None,
-    };
-
-    // A follow-up question in the same conversation: the image and first question are already in the
-    // KV cache (what `PromptCache` keeps between requests), so only the new question is computed.
-    let ttft_follow_up_ms = match &image {
+    // Time to first token for one image + a question, and for a follow-up question in the same
+    // conversation: the image and first question already in the KV cache (what `PromptCache` keeps
+    // between requests), so only the new question is computed.
+    let (ttft_ms, ttft_follow_up_ms) = match &image {
         Some(pixels) => {
             let mut ids = vec![1, IMAGE_SLOT];
             ids.extend(random_ids(&mut rng, QUESTION_TOKENS, vocab));
             let follow_up = random_ids(&mut rng, QUESTION_TOKENS, vocab);
-            let mut cache = model.new_cache();
-            let features = model.encode_images(pixels.clone())?;
-            model.forward_last(model.embed_sequence(&ids, Some(&features))?, &mut cache)?;
-            let first_turn = cache.len();
-            Some(stats(timed(options.runs, || {
-                cache.truncate(first_turn);
-                let start = Instant::now();
-                let embeds = model.embed_sequence(&follow_up, None)?;
-                let logits = model.forward_last(embeds, &mut cache)?;
+            // Runs `embeds` on `cache` to the first token's id; milliseconds since `start`.
+            let first_token = |embeds, cache: &mut KvCache, start: Instant| -> Result<f64> {
+                let logits = model.forward_last(embeds, cache)?;
                 next_token(logits, &mut Sampler::new(greedy.clone()));
                 let ms = start.elapsed().as_secs_f64() * 1e3;
                 sample();
                 Ok(ms)
-            })?))
+            };
+            let ttft = stats(timed(options.runs, || {
+                let start = Instant::now();
+                let features = model.encode_images(pixels.clone())?;
+                let embeds = model.embed_sequence(&ids, Some(&features))?;
+                first_token(embeds, &mut model.new_cache(), start)
+            })?);
+            let mut cache = model.new_cache();
+            let features = model.encode_images(pixels.clone())?;
+            model.forward_last(model.embed_sequence(&ids, Some(&features))?, &mut cache)?;
+            let first_turn = cache.len();
+            let follow = stats(timed(options.runs, || {
+                cache.truncate(first_turn);
+                let start = Instant::now();
+                first_token(model.embed_sequence(&follow_up, None)?, &mut cache, start)
+            })?);
+            (Some(ttft), Some(follow))
         }
-        None => None,
+        None => (None, None),
     };
 
     let (lm, tower, projector) = model.num_params();
@@ -314,7 +307,12 @@ mod tests {
             .map(|d| d["context"].as_u64().unwrap())
             .collect();
         assert_eq!(contexts, [128, 512]);
-        for key in ["vision_ms", "prefill_tokens_per_s", "ttft_ms"] {
+        for key in [
+            "vision_ms",
+            "prefill_tokens_per_s",
+            "ttft_ms",
+            "ttft_follow_up_ms",
+        ] {
             let s = &r[key];
             assert!(s["min"].as_f64().unwrap() > 0.0, "{key}: {s}");
             assert!(s["min"].as_f64() <= s["median"].as_f64(), "{key}");
