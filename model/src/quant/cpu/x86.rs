@@ -174,7 +174,7 @@ impl Packing<'_> {
 
     /// Row `o`'s codes as bytes and its group parameter words.
     #[inline(always)]
-    fn row(&self, o: usize) -> (&[u8], &[i32], &[f32]) {
+    pub(super) fn row(&self, o: usize) -> (&[u8], &[i32], &[f32]) {
         let groups = self.k / GROUP;
         let (pw, supers) = (groups.div_ceil(2), groups / self.groups_per_super);
         (
@@ -186,7 +186,10 @@ impl Packing<'_> {
 
     /// Each group's super-block units (S / 255, M / 127) from a row's super-block maxima, in group order.
     #[inline(always)]
-    fn group_units<'s>(&self, supers: &'s [f32]) -> impl Iterator<Item = (f32, f32)> + 's {
+    pub(super) fn group_units<'s>(
+        &self,
+        supers: &'s [f32],
+    ) -> impl Iterator<Item = (f32, f32)> + 's {
         let gps = self.groups_per_super;
         supers
             .chunks_exact(2)
@@ -269,7 +272,7 @@ impl Packing<'_> {
 
 /// Group `g`'s scale and minimum from its parameter word and its super-block's units (S / 255, M / 127).
 #[inline(always)]
-fn scale_min(params: &[i32], g: usize, (s, m): (f32, f32)) -> (f32, f32) {
+pub(super) fn scale_min(params: &[i32], g: usize, (s, m): (f32, f32)) -> (f32, f32) {
     let p = (params[g / 2] as u32 >> (16 * (g % 2))) & 0xffff;
     ((p & 0xff) as f32 * s, ((p >> 8) as f32 - 128.0) * m)
 }
