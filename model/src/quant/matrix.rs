@@ -1,6 +1,7 @@
 //! A [`Packed`] matrix on the device. The CPU backend and the CubeCL runtimes have kernels for it
 //! ([`extension`]); elsewhere it is unpacked with generic tensor ops (shifts, masks, a multiply-add).
-//! Products longer than a few rows dequantise a slab of rows at a time, so the float copy of a large
+//! Products longer than a few rows dequantise a slab of rows at a time (except on the CPU, whose kernels
+//! work a cache-sized block at a time), so the float copy of a large
 //! matrix never exists whole.
 
 use burn::module::{Module, Param, ParamId};
@@ -97,8 +98,14 @@ impl QuantizedMatrix {
     /// kernel where it has one ([`extension`]), else a slab of rows at a time unpacked with tensor ops.
     pub fn matmul_t(&self, x: Tensor<2>) -> Tensor<2> {
         if x.dtype() == self.dtype() && kernels::applies(&x.device(), x.dtype()) {
-            // The fused product never materialises the matrix: one call for all of it.
-            let max_values = if x.dims()[0] <= extension::FUSED_MAX_ROWS {
+            // The fused product never materialises the matrix, nor do the CPU kernels for longer inputs
+            // (a block at a time): one call for all of it, which prepares the input once (the CPU
+            // kernels quantise it; a 7B layer's down projection in slabs did that four times).
+            #[cfg(feature = "cpu")]
+            let whole = x.device() == Device::flex();
+            #[cfg(not(feature = "cpu"))]
+            let whole = false;
+            let max_values = if whole || x.dims()[0] <= extension::FUSED_MAX_ROWS {
                 usize::MAX
             } else {
                 SLAB_VALUES
