@@ -86,7 +86,10 @@ verify() {
 ensure_python_deps() {
     local missing=()
     local pair mod pkg
-    for pair in gguf:gguf numpy:numpy safetensors:safetensors sentencepiece:sentencepiece google.protobuf:protobuf; do
+    # pydicom and the pylibjpeg decoders render the DICOM references (scripts/dicom_references.py); a
+    # fresh machine has none of them, and the references need the JPEG 2000 and RLE decoders.
+    for pair in gguf:gguf numpy:numpy safetensors:safetensors sentencepiece:sentencepiece google.protobuf:protobuf \
+        pydicom:pydicom==3.0.2 pylibjpeg:pylibjpeg==2.1.0 openjpeg:pylibjpeg-openjpeg==2.6.0 rle:pylibjpeg-rle==2.2.0; do
         mod="${pair%%:*}" pkg="${pair##*:}"
         "$PY" -c "import $mod" 2>/dev/null || missing+=("$pkg")
     done
