@@ -437,7 +437,8 @@ mod tests {
 
     use super::*;
 
-    fn packing(p: &Packed) -> Packing<'_> {
+    /// A host-side packed matrix's slices as the kernels take them (also for [`super::vnni`]'s tests).
+    pub(super) fn packing(p: &Packed) -> Packing<'_> {
         Packing {
             codes: Cow::Borrowed(&p.codes),
             params: Cow::Borrowed(&p.group_params),
@@ -448,7 +449,8 @@ mod tests {
         }
     }
 
-    fn pattern(n: usize, a: usize, b: usize, c: f32) -> Vec<f32> {
+    /// Deterministic values spread over (−b/2, b/2) / c.
+    pub(super) fn pattern(n: usize, a: usize, b: usize, c: f32) -> Vec<f32> {
         (0..n)
             .map(|i| ((i * a % b) as f32 - (b / 2) as f32) / c)
             .collect()
@@ -590,8 +592,8 @@ mod tests {
         {
             let w = Tensor::<2>::random([n, k], Distribution::Normal(0.0, 0.02), &device);
             let w: Vec<f32> = w.into_data().try_to_vec().unwrap();
-            let m =
-                QuantizedMatrix::upload(quantize(&w, n, k, bits, DType::F32), &device, DType::F32);
+            let p = quantize(&w, n, k, bits, DType::F32);
+            let m = QuantizedMatrix::upload(p.clone(), &device, DType::F32);
             // 1 and 3 rows take the fused path, 20 the tiles (the weights as gemm's left operand) and 130
             // the blocks (the input there).
             for rows in [1, 3, 20, 130] {
@@ -625,7 +627,6 @@ mod tests {
                 check(&got, if integer { 1e-4 } else { 1e-5 }, "chosen");
                 if rows > FUSED_MAX_ROWS {
                     // The f32 path, also where it is not the one chosen.
-                    let p = quantize(&w, n, k, bits, DType::F32);
                     let got = match bits {
                         4 => packing(&p).matmul_t_float::<4>(&x_host, rows, n),
                         _ => packing(&p).matmul_t_float::<8>(&x_host, rows, n),

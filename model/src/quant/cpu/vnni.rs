@@ -476,29 +476,11 @@ fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
 
 #[cfg(test)]
 mod tests {
-    use std::borrow::Cow;
-
     use burn::tensor::DType;
 
     use super::super::super::pack::{Packed, quantize};
+    use super::super::tests::{packing, pattern};
     use super::*;
-
-    fn pattern(n: usize, a: usize, b: usize, c: f32) -> Vec<f32> {
-        (0..n)
-            .map(|i| ((i * a % b) as f32 - (b / 2) as f32) / c)
-            .collect()
-    }
-
-    fn packing(p: &Packed) -> Packing<'_> {
-        Packing {
-            codes: Cow::Borrowed(&p.codes),
-            params: Cow::Borrowed(&p.group_params),
-            supers: Cow::Borrowed(&p.supers),
-            k: p.cols,
-            bits: p.bits,
-            groups_per_super: p.groups_per_super,
-        }
-    }
 
     /// The same arithmetic one value at a time: integer dot products per group, then scaled.
     fn reference<const BITS: usize>(p: &Packed, input: &QuantizedInput, m: usize) -> Vec<f32> {
