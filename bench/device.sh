@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
-# The GPU benchmark for a session lent a device machine (/work/.library/device/README.md); ≤ 8 minutes.
+# The GPU benchmark for a session lent a device machine (/work/.library/device/README.md): one call of ≤ 10 minutes.
 #
 #   bench/device.sh prepare   here: scripts/gpu-check.sh prepare (stripped test binary + CLI in .gpu/, the
 #                             Vulkan loader debs in .gl/)
-#   bench/device.sh run       there (device `run`, carry [".gpu", ".gl"], timeout_s 540): parity on the GPU
+#   bench/device.sh run       there (device `run`, carry [".gpu", ".gl"], timeout_s 590): parity on the GPU
 #                             (scripts/gpu-check.sh run), then `llava-med bench --shape 7b` in f16 through wgpu
-#                             on the NVIDIA Vulkan driver beside transformers on CUDA (eager and compiled),
-#                             and the fraction of the bandwidth floor; everything lands in $OUT
-#   bench/device.sh fusion    there, a second call if the budget allows (≤ 4 minutes): our `7b` f16 decode
-#                             with and without Burn's fusion backend, one run each, into $OUT
-#                             (SHAPE=tiny runs it on lavapipe here, to check the mechanics)
+#                             on the NVIDIA Vulkan driver beside transformers eager on CUDA, the fraction of
+#                             the bandwidth floor, our int4 and fusion-backend figures, and transformers with
+#                             torch.compile in what time is left (BUDGET, default 560 s); all into $OUT
+#                             (SHAPE=tiny TORCH_DEVICE=cpu runs it on lavapipe here, to check the mechanics)
 #
 # burn-cuda cannot be built in this workplace, so our side runs through wgpu/Vulkan; PyTorch and transformers
 # are preinstalled on the device machine.
@@ -23,31 +22,36 @@ prepare)
   strip -o .gpu/llava-med-fusion "$CARGO_TARGET_DIR/debug/llava-med" && xz -9 -T2 -f .gpu/llava-med-fusion
   du -sh .gpu
   ;;
-fusion)
-  out="${OUT:-/tmp}"
+run)
+  # One call, everything in order of importance, each step under its own limit so a slow or stuck one
+  # leaves the rest their time; every step writes into $OUT as it ends. BUDGET (s) bounds the whole.
+  # The device tool returns at most 8 files: everything goes to a folder, tarred into $OUT after each
+  # step (device-results.tgz), with the status and bandwidth lines beside it.
+  dest="${OUT:-/tmp}"
+  out=$(mktemp -d)
+  snap() {
+    tar czf "$dest/device-results.tgz" -C "$out" .
+    cp "$out/device-status.txt" "$dest/" 2>/dev/null
+    cp "$out/bandwidth.txt" "$dest/" 2>/dev/null
+    true
+  }
+  t0=$(date +%s)
+  left() { echo $((${BUDGET:-560} - ($(date +%s) - t0))); }
+  shape="${SHAPE:-7b}"
+  scripts/gpu-check.sh unpack llava-med-fusion || exit
+  export LLAVA_MED_LOG=llava_med=info
+  # Parity on the GPU (also unpacks the loader, the test binary and the CLI).
+  OUT="$out" timeout 100 scripts/gpu-check.sh run
+  echo "parity: exit $? at $(($(date +%s) - t0)) s" | tee "$out/device-status.txt"
+  snap
   [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ] &&
     export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
-  # The Vulkan loader from .gl/ only where the machine lacks one (as on the device machine).
-  if ! ldconfig -p | grep -q libvulkan.so.1; then
-    for f in .gl/*.deb; do dpkg -x "$f" /; done
-    ldconfig
-  fi
-  scripts/gpu-check.sh unpack llava-med llava-med-fusion || exit
-  for b in llava-med llava-med-fusion; do
-    timeout 110 ".gpu/$b" bench --shape "${SHAPE:-7b}" --device wgpu --dtype f16 --runs 1 --new-tokens 16 \
-      --json >"$out/$b-${SHAPE:-7b}.json" 2>"$out/$b-${SHAPE:-7b}.log"
-    echo "$b: exit $?" | tee -a "$out/fusion-status.txt"
-  done
-  ;;
-run)
-  out="${OUT:-/tmp}"
-  timeout 150 scripts/gpu-check.sh run
-  echo "parity: exit $?" | tee "$out/device-status.txt"
-  timeout 330 env LLAVA_MED_BIN="$PWD/.gpu/llava-med" bench/compare --shape 7b --device wgpu --dtype f16 \
-    --torch-device cuda --runs 2 --new-tokens 32 --out "$out/bench-7b.json" 2>&1 | tee "$out/bench-7b.txt"
-  echo "bench: exit $?" | tee -a "$out/device-status.txt"
-  # Decoding reads every decoder weight once per token (the embedding table only one row): that over the
-  # memory bandwidth is the floor.
+  # Ours (f16) beside transformers eager; torch.compile runs last, with what time is left.
+  env LLAVA_MED_BIN="$PWD/.gpu/llava-med" bench/compare --shape "$shape" --device wgpu --dtype f16 \
+    --torch-device "${TORCH_DEVICE:-cuda}" --runs 2 --new-tokens 32 --timeouts 200,100,skip \
+    --out "$out/bench-7b.json" >"$out/bench-7b.txt" 2>"$out/bench-7b.log"
+  echo "bench: exit $? at $(($(date +%s) - t0)) s" | tee -a "$out/device-status.txt"
+  cat "$out/bench-7b.txt"
   python3 - "$out/bench-7b.json" <<'PY' | tee "$out/bandwidth.txt"
 import json, subprocess, sys
 name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
@@ -70,9 +74,30 @@ for side in ("ours", "pytorch_eager", "pytorch_compiled"):
         print(f"  {side} @ {d['context']}: {ms:.2f} ms/token = {1e3 / ms:.0f} tokens/s, "
               f"{floor_ms / ms * 100:.0f} % of the floor")
 PY
+  snap
+  # The 4-bit model (what an 8 GB GPU would hold) and the fusion backend, decoding only the short figures.
+  for side in int4:llava-med fusion:llava-med-fusion; do
+    name=${side%%:*} bin=${side#*:} quant=none
+    [ "$name" = int4 ] && quant=int4
+    t=$(left)
+    [ "$t" -gt 40 ] || { echo "$name: skipped, ${t} s left" | tee -a "$out/device-status.txt"; continue; }
+    timeout $((t > 100 ? 100 : t - 10)) ".gpu/$bin" bench --shape "$shape" --device wgpu --dtype f16 \
+      --quant "$quant" --runs 1 --new-tokens 16 --json >"$out/$name-7b.json" 2>"$out/$name-7b.log"
+    echo "$name: exit $? at $(($(date +%s) - t0)) s" | tee -a "$out/device-status.txt"
+    snap
+  done
+  t=$(left)
+  if [ "$t" -gt 60 ]; then
+    timeout $((t - 15)) python3 bench/torch_reference.py --shape "$shape" --device "${TORCH_DEVICE:-cuda}" \
+      --dtype f16 --runs 2 --new-tokens 32 --compile --json >"$out/compiled-7b.json" 2>"$out/compiled-7b.log"
+    echo "torch compiled: exit $? at $(($(date +%s) - t0)) s" | tee -a "$out/device-status.txt"
+  else
+    echo "torch compiled: skipped, ${t} s left" | tee -a "$out/device-status.txt"
+  fi
+  snap
   ;;
 *)
-  echo "usage: $0 prepare|run|fusion" >&2
+  echo "usage: $0 prepare|run" >&2
   exit 2
   ;;
 esac

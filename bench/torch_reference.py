@@ -8,6 +8,7 @@ Prints exactly one JSON object on stdout (see bench/compare); diagnostics go to 
 import argparse
 import contextlib
 import datetime
+import inspect
 import json
 import os
 import resource
@@ -168,8 +169,18 @@ def main():
     def new_cache():
         return DynamicCache(config=config)
 
+    # transformers renamed `past_key_values` to `cache` during 5.x (5.17 has the old name, 5.24 the new);
+    # an unknown keyword would be swallowed by **kwargs and every step would run without its cache.
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
     def forward(ids, cache, pixel_values=None):
-        return model(input_ids=ids, pixel_values=pixel_values, cache=cache, use_cache=True, logits_to_keep=1)
+        before = cache.get_seq_length()
+        out = model(input_ids=ids, pixel_values=pixel_values, use_cache=True, logits_to_keep=1,
+                    **{cache_kw: cache})
+        if cache.get_seq_length() != before + ids.shape[1]:
+            raise RuntimeError(f"the KV cache did not grow by {ids.shape[1]} positions through "
+                               f"`{cache_kw}=` (transformers {transformers.__version__})")
+        return out
 
     def argmax_host(out):
         return int(out.logits[0, -1].argmax().item())

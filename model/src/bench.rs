@@ -144,6 +144,9 @@ pub fn run(model: &LlavaModel, load_s: f64, options: &BenchOptions) -> Result<Va
         })?)),
         None => None,
     };
+    // Progress on stderr (`LLAVA_MED_LOG=llava_med=info`): a run stopped by an outer time limit still
+    // shows what it had measured.
+    tracing::info!(vision_ms = ?vision_ms, "bench: vision tower measured");
 
     let n = options.prompt_tokens.min(capacity.saturating_sub(1)).max(1);
     let prompt = random_ids(&mut rng, n, vocab);
@@ -156,6 +159,7 @@ pub fn run(model: &LlavaModel, load_s: f64, options: &BenchOptions) -> Result<Va
         sample();
         Ok(rate)
     })?);
+    tracing::info!(tokens = n, tokens_per_s = %prefill, "bench: prefill measured");
 
     let mut decode = Vec::new();
     for context in DECODE_CONTEXTS {
@@ -181,6 +185,7 @@ pub fn run(model: &LlavaModel, load_s: f64, options: &BenchOptions) -> Result<Va
         })?;
         // The warm-up run's figure is not reported.
         ms_per_token.remove(0);
+        tracing::info!(context, ms_per_token = ?ms_per_token, "bench: decode measured");
         decode.push(
             json!({"context": context, "tokens_per_s": stats(tokens_per_s),
                            "ms_per_token": stats(ms_per_token)}),
@@ -218,6 +223,7 @@ pub fn run(model: &LlavaModel, load_s: f64, options: &BenchOptions) -> Result<Va
                 let start = Instant::now();
                 first_token(model.embed_sequence(&follow_up, None)?, &mut cache, start)
             })?);
+            tracing::info!(ttft_ms = %ttft, follow_up_ms = %follow, "bench: time to first token measured");
             (Some(ttft), Some(follow))
         }
         None => (None, None),

@@ -525,10 +525,16 @@ fn bench(
         )?,
     };
     let load_s = start.elapsed().as_secs_f64();
+    tracing::info!(load_s, "bench: model ready");
     let mut report = llava_med::bench::run(&loaded, load_s, options)?;
     report["shape"] = serde_json::json!(shape);
     report["model"] = serde_json::json!(model.map(|m| m.display().to_string()));
     report["device"] = serde_json::json!(selected.kind.to_string());
+    // Which GPU wgpu found, for the record (a benchmark on lavapipe reads very differently).
+    #[cfg(feature = "wgpu")]
+    if selected.kind == llava_med::device::DeviceChoice::Wgpu {
+        report["adapter"] = serde_json::json!(llava_med::device::gpu_adapter());
+    }
     report["dtype"] = serde_json::json!(format!("{:?}", selected.dtype).to_lowercase());
     report["quantization"] = serde_json::json!(quant.to_string());
     report["threads"] =
