@@ -6,7 +6,8 @@
 #   bench/device.sh run       there (device `run`, carry [".gpu", ".gl"], timeout_s 590): parity on the GPU
 #                             (scripts/gpu-check.sh run), then `llava-med bench --shape 7b` in f16 through wgpu
 #                             on the NVIDIA Vulkan driver beside transformers eager on CUDA, the fraction of
-#                             the bandwidth floor, our int4 and fusion-backend figures, and transformers with
+#                             the bandwidth floor (after an op-by-op timing, examples/gpu_ops.rs), our figures
+#                             with the one-row product kernel and with int4, and transformers with
 #                             torch.compile in what time is left (BUDGET, default 560 s); all into $OUT
 #                             (SHAPE=tiny TORCH_DEVICE=cpu runs it on lavapipe here, to check the mechanics)
 #
@@ -18,8 +19,8 @@ case "${1:-}" in
 prepare)
   scripts/gpu-check.sh prepare || exit
   export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/llava-med-target}"
-  cargo build -p llava-med --features wgpu,fusion --bin llava-med || exit
-  strip -o .gpu/llava-med-fusion "$CARGO_TARGET_DIR/debug/llava-med" && xz -9 -T2 -f .gpu/llava-med-fusion
+  cargo build -p llava-med --features wgpu --example gpu_ops || exit
+  strip -o .gpu/gpu-ops "$CARGO_TARGET_DIR/debug/examples/gpu_ops" && xz -9 -T2 -f .gpu/gpu-ops
   du -sh .gpu
   ;;
 run)
@@ -38,7 +39,7 @@ run)
   t0=$(date +%s)
   left() { echo $((${BUDGET:-560} - ($(date +%s) - t0))); }
   shape="${SHAPE:-7b}"
-  scripts/gpu-check.sh unpack llava-med-fusion || exit
+  scripts/gpu-check.sh unpack gpu-ops || exit
   export LLAVA_MED_LOG=llava_med=info
   # Parity on the GPU (also unpacks the loader, the test binary and the CLI).
   OUT="$out" timeout 100 scripts/gpu-check.sh run
@@ -46,6 +47,12 @@ run)
   snap
   [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ] &&
     export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+  # Op by op: a launch, and each product of a decoder layer through Burn's matmul, the one-row kernel and
+  # the 4-bit kernel, with the bandwidth each reaches.
+  timeout 60 .gpu/gpu-ops --scale "${OPS_SCALE:-1}" >"$out/gpu-ops.jsonl" 2>"$out/gpu-ops.log"
+  echo "gpu-ops: exit $? at $(($(date +%s) - t0)) s" | tee -a "$out/device-status.txt"
+  cat "$out/gpu-ops.jsonl"
+  snap
   # Ours (f16) beside transformers eager; torch.compile runs last, with what time is left.
   env LLAVA_MED_BIN="$PWD/.gpu/llava-med" bench/compare --shape "$shape" --device wgpu --dtype f16 \
     --torch-device "${TORCH_DEVICE:-cuda}" --runs 2 --new-tokens 32 --timeouts 200,100,skip \
@@ -75,14 +82,16 @@ for side in ("ours", "pytorch_eager", "pytorch_compiled"):
               f"{floor_ms / ms * 100:.0f} % of the floor")
 PY
   snap
-  # The 4-bit model (what an 8 GB GPU would hold) and the fusion backend, decoding only the short figures.
-  for side in int4:llava-med fusion:llava-med-fusion; do
-    name=${side%%:*} bin=${side#*:} quant=none
-    [ "$name" = int4 ] && quant=int4
+  # Decoding's products through the one-row kernel, then the 4-bit model (what an 8 GB GPU would hold;
+  # quantising 7B random weights on the host takes ~70 s of its limit), one run each.
+  for side in rowmatmul:none:1 int4:int4:0; do
+    IFS=: read -r name quant row <<<"$side"
     t=$(left)
     [ "$t" -gt 40 ] || { echo "$name: skipped, ${t} s left" | tee -a "$out/device-status.txt"; continue; }
-    timeout $((t > 100 ? 100 : t - 10)) ".gpu/$bin" bench --shape "$shape" --device wgpu --dtype f16 \
-      --quant "$quant" --runs 1 --new-tokens 16 --json >"$out/$name-7b.json" 2>"$out/$name-7b.log"
+    limit=$([ "$name" = int4 ] && echo 150 || echo 90)
+    LLAVA_MED_GPU_ROW_MATMUL=$row timeout $((t > limit ? limit : t - 10)) .gpu/llava-med bench --shape "$shape" \
+      --device wgpu --dtype f16 --quant "$quant" --runs 1 --new-tokens 16 --prompt-tokens 128 --json \
+      >"$out/$name-7b.json" 2>"$out/$name-7b.log"
     echo "$name: exit $? at $(($(date +%s) - t0)) s" | tee -a "$out/device-status.txt"
     snap
   done

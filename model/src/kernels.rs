@@ -25,6 +25,19 @@ pub fn applies(device: &Device, dtype: DType) -> bool {
     false
 }
 
+/// Whether `device` is a CubeCL runtime (wgpu, Vulkan, CUDA) and not an autodiff device: where a kernel
+/// of this crate replaces one of Burn's own GPU ops rather than a CPU one.
+pub fn on_cube(device: &Device) -> bool {
+    if device.is_autodiff() {
+        return false;
+    }
+    #[cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda"))]
+    if matches!(device.as_dispatch(), DispatchDevice::Cube(_)) {
+        return true;
+    }
+    false
+}
+
 /// Whether this CPU has AVX2 (checked once). The build targets baseline x86-64 (SSE2, 4 lanes), so host
 /// loops (the CPU kernels, the quantiser) are also compiled for AVX2 and chosen at run time.
 pub fn has_avx2() -> bool {

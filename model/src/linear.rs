@@ -3,6 +3,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::{Tensor, module::linear};
 
+use crate::fused::row_matmul::{self, ROW_MATMUL_MAX_ROWS};
 use crate::quant::QuantizedMatrix;
 
 /// Where a linear layer's weight lives.
@@ -42,7 +43,25 @@ impl Linear {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let bias = || self.bias.as_ref().map(Param::val);
         match &self.weight {
-            LinearWeight::Float(w) => linear(x, w.val(), bias()),
+            LinearWeight::Float(w) => {
+                let w = w.val();
+                let mut dims = x.dims();
+                let rows: usize = dims[..D - 1].iter().product();
+                if rows <= ROW_MATMUL_MAX_ROWS {
+                    // Decoding on a GPU: the one-row product kernel (`fused::row_matmul`).
+                    let [k, n] = w.dims();
+                    let flat = x.clone().reshape([rows, k]);
+                    if row_matmul::takes_kernel(&flat, &w) {
+                        dims[D - 1] = n;
+                        let y = row_matmul::row_matmul(flat, w).reshape(dims);
+                        return match bias() {
+                            Some(b) => y + b.unsqueeze(),
+                            None => y,
+                        };
+                    }
+                }
+                linear(x, w, bias())
+            }
             LinearWeight::Quantized(q) => {
                 let mut dims = x.dims();
                 let rows: usize = dims[..D - 1].iter().product();

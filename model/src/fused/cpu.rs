@@ -14,6 +14,12 @@ use crate::kernels::host::values;
 const CHUNK: usize = 16 * 1024;
 
 impl FusedOps for Flex {
+    /// Flex's own product: already blocked and threaded for one row ([`super::row_matmul`] does not
+    /// route CPU tensors here; this keeps the extension complete).
+    fn row_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        <Self as burn::backend::ops::FloatTensorOps<Self>>::float_matmul(x, w)
+    }
+
     fn silu_mul(gate_up: FloatTensor<Self>) -> FloatTensor<Self> {
         let mut shape = gate_up.layout().shape().to_vec();
         let width = shape.last().copied().unwrap_or(0);

@@ -3,11 +3,12 @@
 
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::tensor::FloatTensor;
-use burn::tensor::Shape;
+use burn::tensor::{DType, Shape};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl;
 use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_dtype;
 
 use super::extension::FusedOps;
 use crate::kernels::device::{cubes, empty_like, per_value};
@@ -19,6 +20,115 @@ const NORM_UNITS: u32 = 256;
 const ATTENTION_UNITS: u32 = 256;
 /// Cache positions whose scores a cube holds in shared memory at once (4 KiB).
 const ATTENTION_CHUNK: u32 = 1024;
+
+/// Units along the output columns in the one-row product (one warp's loads: 32 neighbouring columns).
+const ROW_X: u32 = 32;
+/// Units along the inputs in the one-row product (each takes every `ROW_Y`-th input of the cube's chunk).
+const ROW_Y: u32 = 8;
+/// Columns per unit in the one-row product, `ROW_X` apart (a cube covers `ROW_X · ROW_COLS` columns).
+const ROW_COLS: u32 = 4;
+/// Cubes the one-row product aims for per input row: enough loads in flight to keep a large GPU's
+/// memory busy, got by splitting the inputs into chunks when the columns alone give too few cubes.
+const ROW_TARGET_CUBES: usize = 1024;
+/// Fewest inputs per unit in a chunk (below it the partial sums cost more than they spread).
+const ROW_MIN_STEPS: usize = 8;
+
+/// Partial sums of `x[r, :] · w[:, j]` over one chunk of the inputs: cube `(cx, r, c)` covers columns
+/// `cx · 128 ..` and inputs `c · chunk ..`. A warp's 32 units load 32 neighbouring weights of one input
+/// row at a time (one contiguous read), each unit keeps 4 columns' sums, and the cube's 8 slices of
+/// inputs are added in shared memory; `partial[c, r, j]` holds the chunk's sum (added up by
+/// [`row_matmul_sum_kernel`]).
+#[cube(launch_unchecked)]
+fn row_matmul_kernel<F: Float>(
+    x: &Tensor<F>,
+    w: &Tensor<F>,
+    partial: &mut Tensor<f32>,
+    chunk: usize,
+    #[define(F)] _dtype: ElemType,
+) {
+    let (m, k, n) = (x.shape(0), x.shape(1), w.shape(1));
+    let r = CUBE_POS_Y as usize;
+    let c = CUBE_POS_Z as usize;
+    let (ux, uy) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
+    let stride = comptime!(ROW_X) as usize;
+    let col = CUBE_POS_X as usize * comptime!(ROW_X * ROW_COLS) as usize + ux;
+    let (c1, c2, c3) = (col + stride, col + 2 * stride, col + 3 * stride);
+    let stop = c * chunk + chunk;
+    let mut a0 = 0.0f32;
+    let mut a1 = 0.0f32;
+    let mut a2 = 0.0f32;
+    let mut a3 = 0.0f32;
+    let mut i = c * chunk + uy;
+    if c3 < n {
+        // The whole tile inside the matrix: no per-load checks.
+        while i < stop && i < k {
+            let xv = f32::cast_from(x[r * k + i]);
+            let row = i * n;
+            a0 += xv * f32::cast_from(w[row + col]);
+            a1 += xv * f32::cast_from(w[row + c1]);
+            a2 += xv * f32::cast_from(w[row + c2]);
+            a3 += xv * f32::cast_from(w[row + c3]);
+            i += comptime!(ROW_Y) as usize;
+        }
+    } else {
+        while i < stop && i < k {
+            let xv = f32::cast_from(x[r * k + i]);
+            let row = i * n;
+            if col < n {
+                a0 += xv * f32::cast_from(w[row + col]);
+            }
+            if c1 < n {
+                a1 += xv * f32::cast_from(w[row + c1]);
+            }
+            if c2 < n {
+                a2 += xv * f32::cast_from(w[row + c2]);
+            }
+            i += comptime!(ROW_Y) as usize;
+        }
+    }
+    // parts[(column slot · ROW_Y + slice) · ROW_X + unit]
+    let mut parts = Shared::<[f32]>::new_slice(comptime!(ROW_X * ROW_Y * ROW_COLS) as usize);
+    let (ys, xs) = (comptime!(ROW_Y) as usize, stride);
+    parts[uy * xs + ux] = a0;
+    parts[(ys + uy) * xs + ux] = a1;
+    parts[(2 * ys + uy) * xs + ux] = a2;
+    parts[(3 * ys + uy) * xs + ux] = a3;
+    sync_cube();
+    // The first ROW_COLS slices of units each add up one column slot's ROW_Y parts.
+    if uy < comptime!(ROW_COLS) as usize {
+        let mut s = 0.0f32;
+        #[unroll]
+        for y in 0..ROW_Y {
+            s += parts[(uy * ys + y as usize) * xs + ux];
+        }
+        let j = col + uy * stride;
+        if j < n {
+            partial[(c * m + r) * n + j] = s;
+        }
+    }
+}
+
+/// `out[r, j] = Σ_c partial[c, r, j]` in the output's type, one unit per output value.
+#[cube(launch_unchecked)]
+fn row_matmul_sum_kernel<F: Float>(
+    partial: &Tensor<f32>,
+    out: &mut Tensor<F>,
+    #[define(F)] _dtype: ElemType,
+) {
+    let id = ABSOLUTE_POS;
+    let len = out.len();
+    if id >= len {
+        terminate!();
+    }
+    let chunks = partial.len() / len;
+    let mut s = 0.0f32;
+    let mut c = 0usize;
+    while c < chunks {
+        s += partial[c * len + id];
+        c += 1;
+    }
+    out[id] = F::cast_from(s);
+}
 
 /// `out[r, i] = silu(h[r, i]) · h[r, inner + i]`, one unit per output value.
 #[cube(launch_unchecked)]
@@ -276,6 +386,64 @@ fn decode_attention_kernel<F: Float>(
 }
 
 impl FusedOps for CubeBackend {
+    fn row_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        // A no-op for the contiguous inputs decoding passes (weights are stored `[in, out]` contiguous).
+        let (x, w) = (into_contiguous(x), into_contiguous(w));
+        let (xd, wd) = (x.meta.shape().to_vec(), w.meta.shape().to_vec());
+        let (m, k, n) = (xd[0], xd[1], wd[1]);
+        assert_eq!(wd[0], k, "row_matmul: x {xd:?} and w {wd:?} do not chain");
+        let dtype = x.dtype;
+        let out = empty_like(&x, Shape::new([m, n]));
+        if m == 0 || n == 0 {
+            return out;
+        }
+        // Column tiles × input chunks ≈ ROW_TARGET_CUBES per row, each unit still taking at least
+        // ROW_MIN_STEPS inputs; the chunk is a multiple of the cube's input slices.
+        let tiles = n.div_ceil((ROW_X * ROW_COLS) as usize);
+        let most_chunks = k.div_ceil(ROW_Y as usize * ROW_MIN_STEPS).max(1);
+        let wanted = ROW_TARGET_CUBES.div_ceil(tiles).clamp(1, most_chunks);
+        let chunk = k
+            .div_ceil(wanted)
+            .next_multiple_of(ROW_Y as usize)
+            .max(ROW_Y as usize);
+        let chunks = k.div_ceil(chunk).max(1);
+        let partial = empty_device_dtype(
+            x.client.clone(),
+            x.device.clone(),
+            Shape::new([chunks, m, n]),
+            DType::F32,
+        );
+        // SAFETY: `x` `[m, k]` and `w` `[k, n]` are contiguous (checked to chain); cube (tile, r, c)
+        // reads rows `r < m` of `x`, inputs below `k` and columns below `n` (checked per tile), and each
+        // unit of the first ROW_COLS slices writes its own column of `partial` `[chunks, m, n]` once.
+        unsafe {
+            row_matmul_kernel::launch_unchecked(
+                &out.client,
+                CubeCount::Static(tiles as u32, m as u32, chunks as u32),
+                CubeDim::new_2d(ROW_X, ROW_Y),
+                x.into_tensor_arg(),
+                w.into_tensor_arg(),
+                partial.clone().into_tensor_arg(),
+                chunk,
+                dtype_to_storage_type(dtype),
+            );
+        }
+        let (count, cube_dim) = per_value(&out, m * n);
+        // SAFETY: `partial` holds `chunks` blocks of the output's `m · n` values; units past the output
+        // stop first, and each writes only its own value.
+        unsafe {
+            row_matmul_sum_kernel::launch_unchecked(
+                &out.client,
+                count,
+                cube_dim,
+                partial.into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                dtype_to_storage_type(dtype),
+            );
+        }
+        out
+    }
+
     fn silu_mul(gate_up: FloatTensor<Self>) -> FloatTensor<Self> {
         let h = into_contiguous(gate_up);
         let mut dims = h.meta.shape().to_vec();
@@ -458,7 +626,7 @@ impl FusedOps for CubeBackend {
 mod tests {
     use burn::tensor::{DType, Device, DeviceKind};
 
-    use super::super::{activation, attention, rms_norm, rope};
+    use super::super::{activation, attention, rms_norm, rope, row_matmul};
 
     #[test]
     fn kernels_match_the_tensor_ops_on_wgpu() {
@@ -468,6 +636,7 @@ mod tests {
             rms_norm::tests::check_against_reference(&gpu, dtype, tol);
             rope::tests::check_against_reference(&gpu, dtype, tol);
             attention::tests::check_against_reference(&gpu, dtype, tol);
+            row_matmul::tests::check_against_reference(&gpu, dtype, tol);
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The fused kernels as a Burn backend extension, so each backend runs its own: the CPU backend (Flex,
 //! [`super::cpu`]) and every CubeCL runtime (wgpu, Vulkan, CUDA: [`super::cube`]). Callers go through the
-//! functions in [`super::activation`], [`super::rms_norm`], [`super::rope`] and [`super::attention`], which
+//! functions in [`super::activation`], [`super::rms_norm`], [`super::rope`], [`super::attention`] and
+//! [`super::row_matmul`], which
 //! check [`crate::kernels::applies`] first.
 
 use burn::backend::tensor::FloatTensor;
@@ -52,6 +53,10 @@ pub trait FusedOps: burn::backend::Backend {
         offset: usize,
     ) -> FloatTensor<Self>;
 
+    /// `x` `[m, k]` times `w` `[k, n]` for a few rows (decoding): `[m, n]`, in `x`'s type.
+    #[fusion(dtype = x, shape = row_product_shape(x, w))]
+    fn row_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
+
     /// Attention of one position `q` `[b, heads, 1, d]` over the first `len` positions of the caches `k`,
     /// `v` `[b, kv_heads, capacity, d]`: `[b, 1, heads · d]`.
     #[fusion(dtype = q, shape = decode_shape(q))]
@@ -79,6 +84,12 @@ fn half_last(shape: &Shape) -> Shape {
 #[cfg(feature = "fusion")]
 fn heads_shape(qkv: &Shape, table: &Shape, heads: usize) -> Shape {
     Shape::new([qkv[0], heads, qkv[1], table[1]])
+}
+
+/// `[m, n]` for `x` `[m, k]` and `w` `[k, n]` (declared to the fusion backend).
+#[cfg(feature = "fusion")]
+fn row_product_shape(x: &Shape, w: &Shape) -> Shape {
+    Shape::new([x[0], w[1]])
 }
 
 /// `[b, 1, heads · d]` for `q` `[b, heads, 1, d]` (declared to the fusion backend).
@@ -155,5 +166,13 @@ pub fn decode_attention(
         v.into_dispatch(),
         len,
         scale,
+    ))
+}
+
+/// [`FusedOps::row_matmul`] on tensors.
+pub fn row_matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::row_matmul(
+        x.into_dispatch(),
+        w.into_dispatch(),
     ))
 }

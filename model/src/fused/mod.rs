@@ -1,6 +1,7 @@
 //! The element-wise and per-row parts of the model as single kernels: SwiGLU's `silu(gate) · up` and CLIP's
 //! `quick_gelu` ([`activation`]), RMSNorm ([`rms_norm`]), the rotary embedding taken straight out of the
-//! fused q/k/v projection ([`rope`]) and a decoding step's attention over the KV cache ([`attention`]). As generic tensor ops each is three to ten passes and launches (slices,
+//! fused q/k/v projection ([`rope`]) and a decoding step's attention over the KV cache ([`attention`]) and its one-row matrix products
+//! ([`row_matmul`]). As generic tensor ops each is three to ten passes and launches (slices,
 //! casts, reductions, products, a copy to lay heads out), which on a GPU decoding one token at a time is
 //! mostly launch overhead, and on the CPU backend the sigmoid is a scalar single-threaded loop. One backend
 //! extension ([`extension`]) holds them, with kernels for the CPU backend ([`cpu`]) and for CubeCL runtimes
@@ -16,6 +17,7 @@ pub mod cube;
 pub mod extension;
 pub mod rms_norm;
 pub mod rope;
+pub mod row_matmul;
 
 #[cfg(test)]
 pub(crate) mod test_support {
@@ -27,6 +29,37 @@ pub(crate) mod test_support {
             .map(|i| {
                 let v = ((i * 7919) % 4001) as f32 / 200.0 - 10.0;
                 if i % 53 == 0 { v * 12.0 } else { v }
+            })
+            .collect()
+    }
+
+    /// Deterministic values in [-1, 1) with some 8× larger ones (so quantisation groups get different
+    /// ranges), different for each `seed`.
+    pub fn spread_values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let v = ((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5 - 1.0;
+                if i % 97 == 0 { v * 8.0 } else { v }
+            })
+            .collect()
+    }
+
+    /// `x` `[m, k]` times a `[k, n]` matrix given by `w(i, j)`, summed in f64 on the host.
+    pub fn reference_product(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        w: impl Fn(usize, usize) -> f32,
+    ) -> Vec<f32> {
+        (0..m)
+            .flat_map(|r| {
+                let w = &w;
+                (0..n).map(move |j| {
+                    (0..k)
+                        .map(|i| x[r * k + i] as f64 * w(i, j) as f64)
+                        .sum::<f64>() as f32
+                })
             })
             .collect()
     }

@@ -248,17 +248,8 @@ mod tests {
 
     use super::super::QuantizedMatrix;
     use super::super::pack::quantize;
+    use crate::fused::test_support::{reference_product, spread_values as values};
     use crate::kernels::applies;
-
-    /// Deterministic values in [-1, 1) with some large ones, so groups get different ranges.
-    fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                let v = ((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5 - 1.0;
-                if i % 97 == 0 { v * 8.0 } else { v }
-            })
-            .collect()
-    }
 
     fn host(t: Tensor<2>) -> Vec<f32> {
         t.cast(DType::F32)
@@ -304,16 +295,7 @@ mod tests {
                     );
                     for &rows in input_rows {
                         let x = values(rows * k, rows + 1);
-                        let want: Vec<f32> = (0..rows)
-                            .flat_map(|r| {
-                                let (x, reference) = (&x, &reference);
-                                (0..n).map(move |o| {
-                                    (0..k)
-                                        .map(|i| x[r * k + i] as f64 * reference[o * k + i] as f64)
-                                        .sum::<f64>() as f32
-                                })
-                            })
-                            .collect();
+                        let want = reference_product(&x, rows, k, n, |i, o| reference[o * k + i]);
                         let xt =
                             Tensor::<2>::from_data(TensorData::new(x, [rows, k]), &gpu).cast(dtype);
                         let got = m.matmul_t(xt);

@@ -1,0 +1,138 @@
+//! What one decoding step is made of on a GPU, op by op: the cost of launching a kernel, and each matrix
+//! product of a Mistral-7B decoder layer (fused q/k/v 4096→6144, o 4096→4096, fused gate/up 4096→28672,
+//! down 14336→4096) and the output head (4096→32000) for one input row, through Burn's autotuned product,
+//! this crate's one-row kernel (`fused::row_matmul`) and the 4-bit packed kernel. Prints one JSON line per
+//! measurement: microseconds per call (median of `--runs`) and, for products, the weight bytes read per
+//! second, which against the GPU's memory bandwidth says how far each is from its floor.
+//!
+//! ```text
+//! cargo run -p llava-med --features wgpu --example gpu_ops -- [--device wgpu|cpu] [--dtype f16|f32]
+//!     [--runs N] [--scale S]
+//! ```
+//!
+//! `--scale S` divides every dimension by S (lavapipe caps a buffer at 128 MiB: `--scale 4` runs there).
+//! Each product cycles through 4 copies of its weight so that none is served from the GPU's L2 cache.
+
+use std::time::Instant;
+
+use burn::tensor::{DType, Device, Distribution, Tensor};
+use llava_med::fused::extension::row_matmul;
+use llava_med::quant::QuantizedMatrix;
+use llava_med::quant::pack::{packed_bytes, quantize};
+
+/// `(in, out)` of each product of one decoder layer, and the output head.
+const PRODUCTS: [(&str, usize, usize); 5] = [
+    ("qkv", 4096, 6144),
+    ("o", 4096, 4096),
+    ("gate_up", 4096, 28672),
+    ("down", 14336, 4096),
+    ("lm_head", 4096, 32000),
+];
+/// Weight copies each product cycles through.
+const COPIES: usize = 4;
+/// Calls per timed run.
+const CALLS: usize = 16;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Waits for the device by reading one value back.
+fn sync(t: &Tensor<2>) {
+    let _ = t.clone().slice([0..1, 0..1]).into_data();
+}
+
+/// Median microseconds per call of `f` over `runs` runs of `CALLS` calls, after one warm-up run (which
+/// also lets autotuning pick its kernel).
+fn time(runs: usize, mut f: impl FnMut(usize) -> Tensor<2>) -> f64 {
+    let mut run = || {
+        let start = Instant::now();
+        let mut last = f(0);
+        for i in 1..CALLS {
+            last = f(i);
+        }
+        sync(&last);
+        start.elapsed().as_secs_f64() * 1e6 / CALLS as f64
+    };
+    run();
+    median((0..runs).map(|_| run()).collect())
+}
+
+fn main() {
+    let (mut runs, mut scale) = (5usize, 1usize);
+    let (mut device_name, mut dtype_name) = ("wgpu".to_string(), "f16".to_string());
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || args.next().unwrap_or_else(|| panic!("{a} takes a value"));
+        match a.as_str() {
+            "--runs" => runs = value().parse().expect("--runs takes a number"),
+            "--scale" => scale = value().parse().expect("--scale takes a number"),
+            "--device" => device_name = value(),
+            "--dtype" => dtype_name = value(),
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    let device = match device_name.as_str() {
+        "wgpu" => Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
+        "cpu" => Device::flex(),
+        other => panic!("unknown device {other} (wgpu, cpu)"),
+    };
+    let dtype = match dtype_name.as_str() {
+        "f16" => DType::F16,
+        "f32" => DType::F32,
+        other => panic!("unknown dtype {other} (f16, f32)"),
+    };
+    let bytes_per = if dtype == DType::F16 { 2 } else { 4 };
+    let adapter = llava_med::device::gpu_adapter();
+
+    // Launch cost: a chain of additions on a one-value tensor, each its own kernel.
+    let one = Tensor::<2>::zeros([1, 1], &device).cast(dtype);
+    let launch_us = time(runs, |_| one.clone() + 1.0);
+    println!(
+        "{}",
+        serde_json::json!({"op": "launch (add on 1 value)", "us": launch_us,
+                           "device": device_name, "adapter": adapter})
+    );
+
+    for (name, k, n) in PRODUCTS {
+        let (k, n) = (k / scale, n / scale);
+        let x = Tensor::<2>::random([1, k], Distribution::Normal(0.0, 1.0), &device).cast(dtype);
+        let ws: Vec<Tensor<2>> = (0..COPIES)
+            .map(|_| {
+                Tensor::<2>::random([k, n], Distribution::Normal(0.0, 0.02), &device).cast(dtype)
+            })
+            .collect();
+        let dense_bytes = (k * n * bytes_per) as f64;
+        let report = |kernel: &str, us: f64, bytes: f64| {
+            println!(
+                "{}",
+                serde_json::json!({"op": name, "k": k, "n": n, "kernel": kernel, "dtype": dtype_name,
+                                   "us": us, "weight_mb": bytes / 1e6,
+                                   "gb_per_s": bytes / (us * 1e-6) / 1e9})
+            );
+        };
+        let burn_us = time(runs, |i| x.clone().matmul(ws[i % COPIES].clone()));
+        report("burn matmul", burn_us, dense_bytes);
+        let row_us = time(runs, |i| row_matmul(x.clone(), ws[i % COPIES].clone()));
+        report("row_matmul", row_us, dense_bytes);
+        // The same product as 4-bit packed weights (`[out, in]`), as `--quant int4` stores them.
+        let packed: Vec<QuantizedMatrix> = ws
+            .iter()
+            .map(|w| {
+                let host = w
+                    .clone()
+                    .transpose()
+                    .cast(DType::F32)
+                    .into_data()
+                    .convert::<f32>()
+                    .try_to_vec::<f32>()
+                    .expect("f32 weights");
+                QuantizedMatrix::upload(quantize(&host, n, k, 4, dtype), &device, dtype)
+            })
+            .collect();
+        let int4_bytes = packed_bytes(n, k, 4, bytes_per) as f64;
+        let int4_us = time(runs, |i| packed[i % COPIES].matmul_t(x.clone()));
+        report("int4 packed", int4_us, int4_bytes);
+    }
+}
