@@ -56,7 +56,8 @@ pub(crate) mod tests {
     use super::super::test_support::{host, reference_product, spread_values as values};
 
     /// The kernel against an f64 product on the host, for shapes that leave partial column tiles (n not
-    /// a multiple of 128), partial input chunks and several chunks, with 1 to 8 rows.
+    /// a multiple of 128), partial input chunks, several chunks and fewer inputs than a cube's slices,
+    /// with 1 to 8 rows.
     pub fn check_against_reference(device: &Device, dtype: DType, tol: f32) {
         for (m, k, n) in [
             (1, 64, 96),
@@ -64,6 +65,7 @@ pub(crate) mod tests {
             (1, 3000, 1000),
             (8, 1037, 257),
             (2, 4096, 384),
+            (1, 5, 300),
         ] {
             let (x, w) = (values(m * k, m + k), values(k * n, n));
             // Rounded to `dtype` first, so the reference multiplies the values the device holds.
