@@ -19,6 +19,7 @@ use std::time::Instant;
 use burn::tensor::{DType, Device, Distribution, Tensor, TensorData};
 use llava_med::quant::QuantizedMatrix;
 use llava_med::quant::pack::{packed_bytes, quantize};
+use llava_med::weights::random_values;
 
 /// `[out, in]` of one Mistral-7B decoder layer's products, as this crate fuses them.
 const LAYER: [(usize, usize); 4] = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)];
@@ -29,24 +30,6 @@ type Product = Box<dyn Fn(Tensor<2>) -> Tensor<2>>;
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-/// Deterministic N(0, 0.02)-like values without drawing 200 M samples through a tensor.
-fn weights(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            // Sum of four uniforms: close enough to a Gaussian for rounding statistics.
-            let mut acc = 0.0f32;
-            for _ in 0..4 {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                acc += (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-            }
-            acc * 0.035
-        })
-        .collect()
 }
 
 fn main() {
@@ -73,7 +56,7 @@ fn main() {
         let mut quantize_s = 0.0;
         for l in 0..layers {
             for (j, &(out, inp)) in LAYER.iter().enumerate() {
-                let w = weights(out * inp, (l * 8 + j) as u64 + 1);
+                let w = random_values((l * 8 + j) as u64 + 1, out * inp);
                 if bits == 32 {
                     bytes += out * inp * 4;
                     // Stored [in, out] as the float `Linear` keeps it (random values either way).

@@ -497,6 +497,12 @@ fn random_host(name: &str, len: usize) -> Vec<f32> {
     let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
     });
+    random_values(seed, len)
+}
+
+/// `len` random values ≈ N(0, 0.02) from `seed` (sums of four xorshift uniforms: close enough to a
+/// Gaussian for weights and rounding statistics), drawn by all cores; the same for the same seed.
+pub fn random_values(seed: u64, len: usize) -> Vec<f32> {
     let mut out = vec![0.0f32; len];
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let chunk = len.div_ceil(threads).max(1 << 16);
