@@ -17,11 +17,9 @@ pub fn applies(device: &Device, dtype: DType) -> bool {
     if *device == Device::flex() {
         return dtype == DType::F32;
     }
-    #[cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda"))]
-    if matches!(device.as_dispatch(), DispatchDevice::Cube(_)) {
+    if on_cube(device) {
         return matches!(dtype, DType::F32 | DType::F16 | DType::BF16);
     }
-    let _ = dtype;
     false
 }
 

@@ -3,6 +3,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::{Tensor, module::linear};
 
+use crate::fused::extension;
 use crate::fused::row_matmul::{self, ROW_MATMUL_MAX_ROWS};
 use crate::quant::QuantizedMatrix;
 
@@ -41,37 +42,31 @@ impl Linear {
 
     /// `[.., in]` → `[.., out]`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let bias = || self.bias.as_ref().map(Param::val);
-        match &self.weight {
+        let bias = self.bias.as_ref().map(Param::val);
+        let mut dims = x.dims();
+        let rows: usize = dims[..D - 1].iter().product();
+        let y = match &self.weight {
             LinearWeight::Float(w) => {
                 let w = w.val();
-                let mut dims = x.dims();
-                let rows: usize = dims[..D - 1].iter().product();
-                if rows <= ROW_MATMUL_MAX_ROWS {
-                    // Decoding on a GPU: the one-row product kernel (`fused::row_matmul`).
-                    let [k, n] = w.dims();
-                    let flat = x.clone().reshape([rows, k]);
-                    if row_matmul::takes_kernel(&flat, &w) {
-                        dims[D - 1] = n;
-                        let y = row_matmul::row_matmul(flat, w).reshape(dims);
-                        return match bias() {
-                            Some(b) => y + b.unsqueeze(),
-                            None => y,
-                        };
-                    }
-                }
-                linear(x, w, bias())
+                let [k, n] = w.dims();
+                // Decoding on a GPU may take the one-row product kernel (`fused::row_matmul`).
+                let flat = (rows <= ROW_MATMUL_MAX_ROWS)
+                    .then(|| x.clone().reshape([rows, k]))
+                    .filter(|flat| row_matmul::takes_kernel(flat, &w));
+                let Some(flat) = flat else {
+                    return linear(x, w, bias);
+                };
+                dims[D - 1] = n;
+                extension::row_matmul(flat, w).reshape(dims)
             }
             LinearWeight::Quantized(q) => {
-                let mut dims = x.dims();
-                let rows: usize = dims[..D - 1].iter().product();
                 dims[D - 1] = q.dims()[0];
-                let y = q.matmul_t(x.reshape([rows, q.dims()[1]])).reshape(dims);
-                match bias() {
-                    Some(b) => y + b.unsqueeze(),
-                    None => y,
-                }
+                q.matmul_t(x.reshape([rows, q.dims()[1]])).reshape(dims)
             }
+        };
+        match bias {
+            Some(b) => y + b.unsqueeze(),
+            None => y,
         }
     }
 }

@@ -488,7 +488,6 @@ impl WeightLoader<'_> {
     }
 }
 
-/// A tensor's values on the host, as f32.
 /// Random weights for `name` (≈ N(0, 0.02), like [`WeightLoader::made_up`]'s) made on the host, where the
 /// quantiser takes them, by all cores: drawing them on the device and reading them back took most of the
 /// 72 s a random 7B model took to load with `--quant int4` on an H200 machine. Deterministic per name.
@@ -501,26 +500,33 @@ fn random_host(name: &str, len: usize) -> Vec<f32> {
 }
 
 /// `len` random values ≈ N(0, 0.02) from `seed` (sums of four xorshift uniforms: close enough to a
-/// Gaussian for weights and rounding statistics), drawn by all cores; the same for the same seed.
+/// Gaussian for weights and rounding statistics), drawn by all cores; the same for the same seed on
+/// any machine.
 pub fn random_values(seed: u64, len: usize) -> Vec<f32> {
+    // One stream per stretch of STREAM values, whatever the number of cores: the same values everywhere.
+    const STREAM: usize = 1 << 16;
     let mut out = vec![0.0f32; len];
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let chunk = len.div_ceil(threads).max(1 << 16);
+    let per_thread = len.div_ceil(STREAM).div_ceil(threads).max(1) * STREAM;
     std::thread::scope(|scope| {
-        for (i, part) in out.chunks_mut(chunk).enumerate() {
+        for (t, part) in out.chunks_mut(per_thread).enumerate() {
             scope.spawn(move || {
-                let mut s = (seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
-                // The sum of four uniforms on [-0.5, 0.5) has variance 1/3: scaled to a 0.02 deviation.
-                let scale = 0.02 * 3f32.sqrt();
-                for v in part {
-                    let mut acc = 0.0f32;
-                    for _ in 0..4 {
-                        s ^= s << 13;
-                        s ^= s >> 7;
-                        s ^= s << 17;
-                        acc += (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                for (j, stretch) in part.chunks_mut(STREAM).enumerate() {
+                    let index = (t * per_thread / STREAM + j) as u64;
+                    let mut s = (seed ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
+                    // The sum of four uniforms on [-0.5, 0.5) has variance 1/3: scaled to a 0.02
+                    // deviation.
+                    let scale = 0.02 * 3f32.sqrt();
+                    for v in stretch {
+                        let mut acc = 0.0f32;
+                        for _ in 0..4 {
+                            s ^= s << 13;
+                            s ^= s >> 7;
+                            s ^= s << 17;
+                            acc += (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                        }
+                        *v = acc * scale;
                     }
-                    *v = acc * scale;
                 }
             });
         }
@@ -567,6 +573,11 @@ mod tests {
         assert!(
             a.iter().all(|v| v.abs() < 0.07),
             "beyond four uniforms' reach"
+        );
+        // Streams by position, not by core: a shorter draw is the start of a longer one.
+        assert_eq!(
+            random_values(7, 200_000)[..70_000],
+            random_values(7, 70_000)[..]
         );
     }
 

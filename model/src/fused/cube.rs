@@ -59,10 +59,10 @@ fn row_matmul_kernel<F: Float>(
     let mut a2 = 0.0f32;
     let mut a3 = 0.0f32;
     let mut i = c * chunk + uy;
+    let ys = comptime!(ROW_Y) as usize;
     if c3 < n {
         // The whole tile inside the matrix: no per-load checks, and two input rows per step, so each unit
         // has eight loads in flight rather than four (a GPU hides memory latency with loads in flight).
-        let ys = comptime!(ROW_Y) as usize;
         while i + ys < stop && i + ys < k {
             let (xv, xw) = (
                 f32::cast_from(x[r * k + i]),
@@ -77,44 +77,38 @@ fn row_matmul_kernel<F: Float>(
             a3 += xv * f32::cast_from(w3) + xw * f32::cast_from(v3);
             i += 2 * ys;
         }
-        if i < stop && i < k {
-            let xv = f32::cast_from(x[r * k + i]);
-            let row = i * n;
+    }
+    // One input row at a time with each column checked: a partial tile's rows, or a full tile's last.
+    while i < stop && i < k {
+        let xv = f32::cast_from(x[r * k + i]);
+        let row = i * n;
+        if col < n {
             a0 += xv * f32::cast_from(w[row + col]);
+        }
+        if c1 < n {
             a1 += xv * f32::cast_from(w[row + c1]);
+        }
+        if c2 < n {
             a2 += xv * f32::cast_from(w[row + c2]);
+        }
+        if c3 < n {
             a3 += xv * f32::cast_from(w[row + c3]);
         }
-    } else {
-        while i < stop && i < k {
-            let xv = f32::cast_from(x[r * k + i]);
-            let row = i * n;
-            if col < n {
-                a0 += xv * f32::cast_from(w[row + col]);
-            }
-            if c1 < n {
-                a1 += xv * f32::cast_from(w[row + c1]);
-            }
-            if c2 < n {
-                a2 += xv * f32::cast_from(w[row + c2]);
-            }
-            i += comptime!(ROW_Y) as usize;
-        }
+        i += ys;
     }
     // parts[(column slot · ROW_Y + slice) · ROW_X + unit]
     let mut parts = Shared::<[f32]>::new_slice(comptime!(ROW_X * ROW_Y * ROW_COLS) as usize);
-    let (ys, xs) = (comptime!(ROW_Y) as usize, stride);
-    parts[uy * xs + ux] = a0;
-    parts[(ys + uy) * xs + ux] = a1;
-    parts[(2 * ys + uy) * xs + ux] = a2;
-    parts[(3 * ys + uy) * xs + ux] = a3;
+    parts[uy * stride + ux] = a0;
+    parts[(ys + uy) * stride + ux] = a1;
+    parts[(2 * ys + uy) * stride + ux] = a2;
+    parts[(3 * ys + uy) * stride + ux] = a3;
     sync_cube();
     // The first ROW_COLS slices of units each add up one column slot's ROW_Y parts.
     if uy < comptime!(ROW_COLS) as usize {
         let mut s = 0.0f32;
         #[unroll]
         for y in 0..ROW_Y {
-            s += parts[(uy * ys + y as usize) * xs + ux];
+            s += parts[(uy * ys + y as usize) * stride + ux];
         }
         let j = col + uy * stride;
         if j < n {

@@ -33,6 +33,8 @@ pub(crate) mod test_support {
             .collect()
     }
 
+    // For the CubeCL kernels' tests (wgpu).
+    #[cfg(feature = "wgpu")]
     /// Deterministic values in [-1, 1) with some 8× larger ones (so quantisation groups get different
     /// ranges), different for each `seed`.
     pub fn spread_values(n: usize, seed: usize) -> Vec<f32> {
@@ -44,6 +46,8 @@ pub(crate) mod test_support {
             .collect()
     }
 
+    // For the CubeCL kernels' tests (wgpu).
+    #[cfg(feature = "wgpu")]
     /// `x` `[m, k]` times a `[k, n]` matrix given by `w(i, j)`, summed in f64 on the host.
     pub fn reference_product(
         x: &[f32],

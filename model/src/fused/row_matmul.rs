@@ -49,7 +49,8 @@ pub fn takes_kernel(x: &Tensor<2>, w: &Tensor<2>) -> bool {
     enabled() && fits_kernel(x, w)
 }
 
-#[cfg(test)]
+// Run by the CubeCL kernels' tests (`fused::cube`), on wgpu.
+#[cfg(all(test, feature = "wgpu"))]
 pub(crate) mod tests {
     use burn::tensor::{DType, Device, Tensor, TensorData};
 

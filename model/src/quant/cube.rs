@@ -248,16 +248,8 @@ mod tests {
 
     use super::super::QuantizedMatrix;
     use super::super::pack::quantize;
-    use crate::fused::test_support::{reference_product, spread_values as values};
+    use crate::fused::test_support::{host, reference_product, spread_values as values};
     use crate::kernels::applies;
-
-    fn host(t: Tensor<2>) -> Vec<f32> {
-        t.cast(DType::F32)
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec::<f32>()
-            .unwrap()
-    }
 
     /// Each kernel against the host reference ([`super::super::Packed::dequantize`]), in f32 and f16:
     /// 1 and 3 input rows take the fused product, 20 the dequantise-then-multiply path; 9 groups per row
