@@ -2,15 +2,19 @@
 # The GPU benchmark for a session lent a device machine (/work/.library/device/README.md): one call of ≤ 10 minutes.
 #
 #   bench/device.sh prepare   here: scripts/gpu-check.sh prepare (stripped test binary + CLI in .gpu/, the
-#                             Vulkan loader debs in .gl/)
+#                             Vulkan loader debs in .gl/), examples/gpu_ops.rs and the CLI built with Burn's
+#                             `vulkan` feature (SPIR-V) as .gpu/llava-med-vulkan, and the CLI optimised as
+#                             .gpu/llava-med-release
 #   bench/device.sh run       there (device `run`, carry [".gpu", ".gl"], timeout_s 590), each step under its
-#                             own limit, in order: parity on the GPU (scripts/gpu-check.sh run); a launch and
-#                             each 7B-layer product alone (examples/gpu_ops.rs); CubeCL's per-kernel profile
-#                             of a short `7b` run (bench/cubecl_profile.py); `bench --shape 7b` with the
-#                             one-row kernel, without it, and in int4; then, if time is left, the comparison
-#                             with transformers eager and the fraction of the bandwidth floor, and
-#                             torch.compile (BUDGET, default 560 s); all into $OUT
-#                             (SHAPE=tiny OPS_SCALE=8 TORCH_DEVICE=cpu runs it on lavapipe here)
+#                             own limit, in order: parity on the GPU (scripts/gpu-check.sh run); the SPIR-V
+#                             CLI's generation checked against WGSL's and its `bench --shape 7b`; CubeCL's
+#                             per-kernel profile of a short `7b` run (bench/cubecl_profile.py); a launch and
+#                             each 7B-layer product alone (examples/gpu_ops.rs); the optimised CLI's `bench
+#                             --shape 7b` and the debug CLI's at one context; then, if time is left, the
+#                             comparison with transformers eager and the fraction of the bandwidth floor,
+#                             and torch.compile (BUDGET, default 560 s); all into $OUT
+#                             (SHAPE=tiny OPS_SCALE=8 TORCH_DEVICE=cpu runs it on lavapipe here; the SPIR-V
+#                             steps are skipped when SKIP_VULKAN=1, as lavapipe crashes with SPIR-V)
 #
 # burn-cuda cannot be built in this workplace, so our side runs through wgpu/Vulkan; PyTorch and transformers
 # are preinstalled on the device machine.
@@ -22,6 +26,12 @@ prepare)
   export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/llava-med-target}"
   cargo build -p llava-med --features wgpu --example gpu_ops || exit
   strip -o .gpu/gpu-ops "$CARGO_TARGET_DIR/debug/examples/gpu_ops" && xz -9 -T2 -f .gpu/gpu-ops
+  # The CLI optimised (release profile, ~25 minutes the first time on 2 cores).
+  cargo build --release -p llava-med --features wgpu --bin llava-med || exit
+  strip -o .gpu/llava-med-release "$CARGO_TARGET_DIR/release/llava-med" && xz -9 -T2 -f .gpu/llava-med-release
+  # The same CLI through SPIR-V (its own feature set: the first build takes ~20 minutes on 2 cores).
+  cargo build -p llava-med --features vulkan --bin llava-med || exit
+  strip -o .gpu/llava-med-vulkan "$CARGO_TARGET_DIR/debug/llava-med" && xz -9 -T2 -f .gpu/llava-med-vulkan
   du -sh .gpu
   ;;
 run)
@@ -39,53 +49,85 @@ run)
   }
   t0=$(date +%s)
   left() { echo $((${BUDGET:-560} - ($(date +%s) - t0))); }
+  status() { echo "$1: exit $2 at $(($(date +%s) - t0)) s" | tee -a "$out/device-status.txt"; }
   shape="${SHAPE:-7b}"
   scripts/gpu-check.sh unpack gpu-ops || exit
+  for b in llava-med-vulkan llava-med-release; do
+    [ -f ".gpu/$b.xz" ] && scripts/gpu-check.sh unpack "$b"
+  done
   export LLAVA_MED_LOG=llava_med=info NO_COLOR=1
-  # Parity on the GPU (also unpacks the loader, the test binary and the CLI).
+  # Parity on the GPU, decoding's products through the one-row kernel (the default since 2026-11-27; also
+  # unpacks the loader, the test binary and the CLI).
   OUT="$out" timeout 90 scripts/gpu-check.sh run
-  echo "parity: exit $? at $(($(date +%s) - t0)) s" | tee "$out/device-status.txt"
+  status parity $?
   snap
   [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ] &&
     export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
-  # Op by op: a launch, and each product of a decoder layer through Burn's matmul, the one-row kernel and
-  # the 4-bit kernel, with the bandwidth each reaches.
-  timeout 50 .gpu/gpu-ops --scale "${OPS_SCALE:-1}" >"$out/gpu-ops.jsonl" 2>"$out/gpu-ops.log"
-  echo "gpu-ops: exit $? at $(($(date +%s) - t0)) s" | tee -a "$out/device-status.txt"
-  cat "$out/gpu-ops.jsonl"
-  snap
+  # The SPIR-V compiler (Burn's `vulkan` feature), which can reach the tensor cores through Vulkan's
+  # cooperative matrices (WGSL cannot): the tiny fixture must generate what it generated through WGSL
+  # (same driver, f32), then the `7b` bench. Lavapipe crashed with it, so only a GPU can tell.
+  if [ -x .gpu/llava-med-vulkan ] && [ "${SKIP_VULKAN:-0}" != 1 ]; then
+    fixture=model/tests/fixtures/tiny-llava-med-mistral
+    for side in wgpu:llava-med vulkan:llava-med-vulkan; do
+      IFS=: read -r dev bin <<<"$side"
+      timeout 60 ".gpu/$bin" generate --model "$fixture" --device "$dev" --dtype f32 --image "$fixture/image.png" \
+        --prompt "What is shown?" --max-new-tokens 32 >"$out/generate-$dev-f32.txt" 2>"$out/generate-$dev.log"
+      status "$dev generate" $?
+    done
+    if [ -s "$out/generate-vulkan-f32.txt" ] && cmp -s "$out/generate-vulkan-f32.txt" "$out/generate-wgpu-f32.txt"; then
+      echo "vulkan f32 generation = wgpu f32 generation" | tee -a "$out/device-status.txt"
+    else
+      echo "vulkan f32 generation DIFFERS from wgpu's" | tee -a "$out/device-status.txt"
+    fi
+    timeout 150 .gpu/llava-med-vulkan bench --shape "$shape" --device vulkan --dtype f16 --runs 1 \
+      --new-tokens 16 --prompt-tokens 512 --json >"$out/vulkan-7b.json" 2>"$out/vulkan-7b.log"
+    status "vulkan bench" $?
+    grep -h "bench: " "$out/vulkan-7b.log" | sed 's/.*bench: /  /'
+    snap
+  fi
   # CubeCL's own profile of a short run (each kernel timed on the GPU, and which product autotune chose
   # for each shape with its candidates' times), summarised; the raw log (MBs of kernel sources) stays there.
+  # Profiling syncs after every kernel, so one short context only.
   CUBECL_DEBUG_LOG="$out/cubecl.log" CUBECL_DEBUG_OPTION=profile-medium timeout 70 .gpu/llava-med bench \
-    --shape "$shape" --device wgpu --dtype f16 --runs 1 --new-tokens 4 --prompt-tokens 16 --json \
-    >"$out/profiled-7b.json" 2>"$out/profiled-7b.log"
-  echo "profile: exit $? at $(($(date +%s) - t0)) s" | tee -a "$out/device-status.txt"
+    --shape "$shape" --device wgpu --dtype f16 --runs 1 --new-tokens 8 --prompt-tokens 16 --contexts 128 \
+    --json >"$out/profiled-7b.json" 2>"$out/profiled-7b.log"
+  status profile $?
   python3 bench/cubecl_profile.py "$out/cubecl.log" >"$out/profile-summary.txt" 2>&1
   rm -f "$out/cubecl.log"
   head -30 "$out/profile-summary.txt"
   snap
-  # Decoding's products through the one-row kernel and through Burn's product, same settings, one after
-  # the other (the A/B the 2026-11-27 figures call for), then the 4-bit model (what an 8 GB GPU would
-  # hold; quantising 7B random weights on the host took 72 s).
-  for side in rowmatmul:none:1:90 default:none:0:90 int4:int4:0:150; do
-    IFS=: read -r name quant row limit <<<"$side"
-    t=$(left)
-    [ "$t" -gt 40 ] || { echo "$name: skipped, ${t} s left" | tee -a "$out/device-status.txt"; continue; }
-    LLAVA_MED_GPU_ROW_MATMUL=$row timeout $((t > limit ? limit : t - 10)) .gpu/llava-med bench --shape "$shape" \
-      --device wgpu --dtype f16 --quant "$quant" --runs 1 --new-tokens 16 --prompt-tokens 128 --json \
-      >"$out/$name-7b.json" 2>"$out/$name-7b.log"
-    echo "$name: exit $? at $(($(date +%s) - t0)) s" | tee -a "$out/device-status.txt"
-    grep -h "bench: decode measured" "$out/$name-7b.log" | sed 's/.*context/  context/'
-    snap
-  done
-  # Ours (f16) beside transformers eager when time is left for both (measured on 2026-11-27: ours ~210 s,
-  # eager ~40 s); torch.compile runs last.
+  # Op by op: a launch, and each product of a decoder layer through Burn's matmul, the one-row kernel and
+  # the 4-bit kernel, with the bandwidth each reaches.
+  timeout 40 .gpu/gpu-ops --scale "${OPS_SCALE:-1}" >"$out/gpu-ops.jsonl" 2>"$out/gpu-ops.log"
+  status gpu-ops $?
+  cat "$out/gpu-ops.jsonl"
+  snap
+  # Decoding through wgpu is bound by launches on the host (~40 µs each on the H200 in the debug build):
+  # the optimised build's whole `bench`, then the debug build at one context, to tell how much of that
+  # cost the build profile makes.
+  bin=.gpu/llava-med
+  if [ -x .gpu/llava-med-release ]; then
+    bin=.gpu/llava-med-release
+    for side in release:llava-med-release:128,512,2048:120 debug:llava-med:512:60; do
+      IFS=: read -r name b contexts limit <<<"$side"
+      t=$(left)
+      [ "$t" -gt 40 ] || { echo "$name: skipped, ${t} s left" | tee -a "$out/device-status.txt"; continue; }
+      timeout $((t > limit ? limit : t - 10)) ".gpu/$b" bench --shape "$shape" --device wgpu --dtype f16 \
+        --runs 1 --new-tokens 16 --prompt-tokens 512 --contexts "$contexts" --json >"$out/$name-7b.json" \
+        2>"$out/$name-7b.log"
+      status "$name bench" $?
+      grep -h "bench: " "$out/$name-7b.log" | sed 's/.*bench: /  /'
+      snap
+    done
+  fi
+  # Ours (f16) beside transformers eager when time is left for both (measured on 2026-11-27: ours ~120 s
+  # for one run, eager ~40 s); torch.compile runs last.
   t=$(left)
   if [ "$t" -gt 200 ]; then
-    env LLAVA_MED_BIN="$PWD/.gpu/llava-med" bench/compare --shape "$shape" --device wgpu --dtype f16 \
+    env LLAVA_MED_BIN="$PWD/$bin" bench/compare --shape "$shape" --device wgpu --dtype f16 \
       --torch-device "${TORCH_DEVICE:-cuda}" --runs 2 --new-tokens 32 --timeouts "$((t - 70)),60,skip" \
       --out "$out/bench-7b.json" >"$out/bench-7b.txt" 2>"$out/bench-7b.log"
-    echo "bench: exit $? at $(($(date +%s) - t0)) s" | tee -a "$out/device-status.txt"
+    status bench $?
     cat "$out/bench-7b.txt"
   else
     echo "bench: skipped, ${t} s left" | tee -a "$out/device-status.txt"
@@ -117,7 +159,7 @@ PY
   if [ "$t" -gt 60 ]; then
     timeout $((t - 15)) python3 bench/torch_reference.py --shape "$shape" --device "${TORCH_DEVICE:-cuda}" \
       --dtype f16 --runs 2 --new-tokens 32 --compile --json >"$out/compiled-7b.json" 2>"$out/compiled-7b.log"
-    echo "torch compiled: exit $? at $(($(date +%s) - t0)) s" | tee -a "$out/device-status.txt"
+    status "torch compiled" $?
   else
     echo "torch compiled: skipped, ${t} s left" | tee -a "$out/device-status.txt"
   fi

@@ -29,8 +29,8 @@ cargo clippy --workspace --all-targets --features llava-med/wgpu -- -D warnings
 echo "== cargo test (CPU + wgpu on lavapipe)"
 # lavapipe: software Vulkan, so wgpu tests run without a GPU; one test thread keeps memory and CPU in check.
 LLAVA_MED_REQUIRE_TEST_DATA=1 cargo test --workspace --features llava-med/wgpu -- --test-threads=2
-echo "== wgpu parity with decoding's products through the one-row kernel (LLAVA_MED_GPU_ROW_MATMUL=1)"
-LLAVA_MED_GPU_ROW_MATMUL=1 LLAVA_MED_REQUIRE_TEST_DATA=1 cargo test -p llava-med --features wgpu --test integration \
+echo "== wgpu parity with decoding's products through Burn's product (LLAVA_MED_GPU_ROW_MATMUL=0)"
+LLAVA_MED_GPU_ROW_MATMUL=0 LLAVA_MED_REQUIRE_TEST_DATA=1 cargo test -p llava-med --features wgpu --test integration \
   parity_on_wgpu -- --test-threads=2
 echo "== cargo test with Burn's fusion backend (our kernels and wgpu parity through fusion)"
 LLAVA_MED_REQUIRE_TEST_DATA=1 cargo test -p llava-med --features wgpu,fusion --lib -- quant:: fused:: --test-threads=2

@@ -2,8 +2,10 @@
 //! product of a Mistral-7B decoder layer (fused q/k/v 4096→6144, o 4096→4096, fused gate/up 4096→28672,
 //! down 14336→4096) and the output head (4096→32000) for one input row, through Burn's autotuned product,
 //! this crate's one-row kernel (`fused::row_matmul`) and the 4-bit packed kernel. Prints one JSON line per
-//! measurement: microseconds per call (median of `--runs`) and, for products, the weight bytes read per
-//! second, which against the GPU's memory bandwidth says how far each is from its floor.
+//! measurement: microseconds per call back to back (`us`) and waited for alone (`alone_us`; medians) and,
+//! for products, the device's time (`alone_us` less a one-value addition's round trip) and the weight
+//! bytes read per second in it, which against the GPU's memory bandwidth says how far each is from its
+//! floor.
 //!
 //! ```text
 //! cargo run -p llava-med --features wgpu --example gpu_ops -- [--device wgpu|cpu] [--dtype f16|f32]
@@ -43,8 +45,8 @@ fn sync(t: &Tensor<2>) {
     let _ = t.clone().slice([0..1, 0..1]).into_data();
 }
 
-/// Median microseconds per call of `f` over `runs` runs of `CALLS` calls, after one warm-up run (which
-/// also lets autotuning pick its kernel).
+/// Median microseconds per call of `f` over `runs` runs of `CALLS` calls submitted back to back, then one
+/// wait, after one warm-up run (which also lets autotuning pick its kernel).
 fn time(runs: usize, mut f: impl FnMut(usize) -> Tensor<2>) -> f64 {
     let mut run = || {
         let start = Instant::now();
@@ -57,6 +59,23 @@ fn time(runs: usize, mut f: impl FnMut(usize) -> Tensor<2>) -> f64 {
     };
     run();
     median((0..runs).map(|_| run()).collect())
+}
+
+/// Median microseconds of one call of `f` and the wait for its result, over `runs · CALLS` calls: with
+/// the same figure for a one-value addition subtracted, the call's time on the device. (The 2026-11-27
+/// H200 figures of [`time`] were faster than the memory allows for the largest products, so the calls
+/// back to back did not show the devices' work; each call waited for alone cannot hide it.)
+fn time_alone(runs: usize, mut f: impl FnMut(usize) -> Tensor<2>) -> f64 {
+    sync(&f(0));
+    median(
+        (0..runs * CALLS)
+            .map(|i| {
+                let start = Instant::now();
+                sync(&f(i));
+                start.elapsed().as_secs_f64() * 1e6
+            })
+            .collect(),
+    )
 }
 
 fn main() {
@@ -89,10 +108,11 @@ fn main() {
     // Launch cost: a chain of additions on a one-value tensor, each its own kernel.
     let one = Tensor::<2>::zeros([1, 1], &device).cast(dtype);
     let launch_us = time(runs, |_| one.clone() + 1.0);
+    let round_trip_us = time_alone(runs, |_| one.clone() + 1.0);
     println!(
         "{}",
         serde_json::json!({"op": "launch (add on 1 value)", "us": launch_us,
-                           "device": device_name, "adapter": adapter})
+                           "alone_us": round_trip_us, "device": device_name, "adapter": adapter})
     );
 
     // The dense products first, all of them, then the 4-bit ones: quantising on the host is the slow part,
@@ -108,20 +128,26 @@ fn main() {
                         .cast(dtype)
                 })
                 .collect();
-            let report = |kernel: &str, us: f64, bytes: usize| {
+            // `us`: per call back to back; `alone_us`: one call waited for, less a one-value addition's
+            // round trip, from which the bandwidth is reckoned.
+            let report = |kernel: &str, (us, alone): (f64, f64), bytes: usize| {
                 let bytes = bytes as f64;
+                let device_us = (alone - round_trip_us).max(1.0);
                 println!(
                     "{}",
                     serde_json::json!({"op": name, "k": k, "n": n, "kernel": kernel,
-                                       "dtype": dtype_name, "us": us, "weight_mb": bytes / 1e6,
-                                       "gb_per_s": bytes / (us * 1e-6) / 1e9})
+                                       "dtype": dtype_name, "us": us, "alone_us": alone,
+                                       "device_us": device_us, "weight_mb": bytes / 1e6,
+                                       "gb_per_s": bytes / (device_us * 1e-6) / 1e9})
                 );
             };
+            let both =
+                |f: &mut dyn FnMut(usize) -> Tensor<2>| (time(runs, &mut *f), time_alone(runs, f));
             if !int4 {
-                let burn_us = time(runs, |i| x.clone().matmul(ws[i % COPIES].clone()));
-                report("burn matmul", burn_us, k * n * bytes_per);
-                let row_us = time(runs, |i| row_matmul(x.clone(), ws[i % COPIES].clone()));
-                report("row_matmul", row_us, k * n * bytes_per);
+                let burn = both(&mut |i| x.clone().matmul(ws[i % COPIES].clone()));
+                report("burn matmul", burn, k * n * bytes_per);
+                let row = both(&mut |i| row_matmul(x.clone(), ws[i % COPIES].clone()));
+                report("row_matmul", row, k * n * bytes_per);
                 continue;
             }
             // The same product as 4-bit packed weights (`[out, in]`), as `--quant int4` stores them.
@@ -139,8 +165,8 @@ fn main() {
                     QuantizedMatrix::upload(quantize(&host, n, k, 4, dtype), &device, dtype)
                 })
                 .collect();
-            let int4_us = time(runs, |i| packed[i % COPIES].matmul_t(x.clone()));
-            report("int4 packed", int4_us, packed_bytes(n, k, 4, bytes_per));
+            let int4 = both(&mut |i| packed[i % COPIES].matmul_t(x.clone()));
+            report("int4 packed", int4, packed_bytes(n, k, 4, bytes_per));
         }
     }
 }

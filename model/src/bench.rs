@@ -20,7 +20,7 @@ use crate::lm::KvCache;
 /// The named shapes (llava-hf configs): `tiny`, `base`, `7b`.
 pub const SHAPES_JSON: &str = include_str!("../../bench/shapes.json");
 
-/// Contexts at which decoding is timed.
+/// Contexts at which decoding is timed by default.
 pub const DECODE_CONTEXTS: [usize; 3] = [128, 512, 2048];
 
 /// Text tokens of "one image + a 30-word question" after the image (a 30-word question is ~45 tokens).
@@ -53,12 +53,13 @@ pub fn shape_config(name: &str) -> Result<ModelConfig> {
 }
 
 /// The fewest positions `bench` needs for `config`: the prefill prompt (and its next token) and, when the
-/// model takes images, the time-to-first-token prompt (one image and a 45-token question).
+/// model takes images, the time-to-first-token conversation (one image and a 45-token question, then a
+/// 45-token follow-up question after them).
 pub fn min_context(config: &ModelConfig, options: &BenchOptions) -> usize {
     let ttft = config
         .multimodal
         .as_ref()
-        .map_or(0, |mm| 1 + mm.tokens_per_image() + QUESTION_TOKENS);
+        .map_or(0, |mm| 1 + mm.tokens_per_image() + 2 * QUESTION_TOKENS);
     (options.prompt_tokens + 1).max(ttft)
 }
 
@@ -71,6 +72,15 @@ pub struct BenchOptions {
     pub new_tokens: usize,
     /// Timed runs of each measurement.
     pub runs: usize,
+    /// Contexts at which decoding is timed (those that do not fit the model's context are skipped).
+    pub contexts: Vec<usize>,
+}
+
+impl BenchOptions {
+    /// The longest decode context asked for, with its new tokens.
+    pub fn longest_decode(&self) -> usize {
+        self.contexts.iter().max().copied().unwrap_or(0) + self.new_tokens
+    }
 }
 
 /// Median, min and max of timings.
@@ -162,7 +172,7 @@ pub fn run(model: &LlavaModel, load_s: f64, options: &BenchOptions) -> Result<Va
     tracing::info!(tokens = n, tokens_per_s = %prefill, "bench: prefill measured");
 
     let mut decode = Vec::new();
-    for context in DECODE_CONTEXTS {
+    for &context in &options.contexts {
         if context + options.new_tokens > capacity {
             continue;
         }
@@ -273,11 +283,13 @@ mod tests {
             prompt_tokens: 16,
             new_tokens: 8,
             runs: 1,
+            contexts: DECODE_CONTEXTS.to_vec(),
         };
-        // <s>, 576 image positions and the question: what the 7B time to first token prefills.
-        assert_eq!(min_context(&c, &options), 622);
+        // <s>, 576 image positions and the question: what the 7B time to first token prefills; then the
+        // follow-up question.
+        assert_eq!(min_context(&c, &options), 622 + 45);
         let b = shape_config("base").unwrap();
-        assert_eq!(min_context(&b, &options), 242);
+        assert_eq!(min_context(&b, &options), 242 + 45);
         assert_eq!(b.multimodal.unwrap().tokens_per_image(), 196);
         assert!(
             shape_config("huge")
@@ -303,6 +315,7 @@ mod tests {
             prompt_tokens: 64,
             new_tokens: 4,
             runs: 2,
+            contexts: DECODE_CONTEXTS.to_vec(),
         };
         let r = run(&model, 0.0, &opts).unwrap();
         // 2048 does not fit a 600-position context: skipped, not faked.

@@ -213,7 +213,8 @@ enum Command {
     },
     /// Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health).
     Serve(ServeArgs),
-    /// Measure load, vision, prefill, decode (context 128/512/2048), time to first token and memory.
+    /// Measure load, vision, prefill, decode (by default at context 128/512/2048), time to first token and
+    /// memory.
     Bench {
         /// Model folder.
         #[arg(long, conflicts_with = "shape", required_unless_present = "shape")]
@@ -232,6 +233,9 @@ enum Command {
         /// Timed runs per figure (after one warm-up).
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Contexts at which decoding is timed, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = llava_med::bench::DECODE_CONTEXTS)]
+        contexts: Vec<usize>,
         /// Print one JSON object instead of a summary.
         #[arg(long)]
         json: bool,
@@ -398,6 +402,7 @@ fn run(cli: Cli) -> Result<()> {
             prompt_tokens,
             new_tokens,
             runs,
+            contexts,
             json,
         } => bench(
             model.as_deref(),
@@ -407,6 +412,7 @@ fn run(cli: Cli) -> Result<()> {
                 prompt_tokens,
                 new_tokens,
                 runs,
+                contexts,
             },
             json,
         ),
@@ -502,14 +508,14 @@ fn bench(
     let needed = llava_med::bench::min_context(&config, options);
     // Room for the longest decode figure, not the model's whole context (a 32k KV cache would dominate
     // the memory figures).
-    let longest = llava_med::bench::DECODE_CONTEXTS[2];
     let context = match args.context {
         Some(c) if c < needed => bail!(
             "--context {c} is too short for bench: it needs {needed} positions (the --prompt-tokens prompt \
-             and its next token, and for the time to first token one image and a 45-token question)"
+             and its next token, and for the time to first token one image, a 45-token question and a \
+             45-token follow-up)"
         ),
         Some(c) => c,
-        None => (longest + options.new_tokens + 64).max(needed),
+        None => (options.longest_decode() + 64).max(needed),
     };
     let start = std::time::Instant::now();
     let loaded = match model {

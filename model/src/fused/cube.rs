@@ -295,30 +295,85 @@ fn rope_kernel<F: Float>(
 /// positions with a running maximum and sum (online softmax): the units score positions into shared
 /// memory, reduce the chunk's maximum and sum there, then unit `i` adds the chunk's weighted values of
 /// dimension `i`.
+///
+/// With `step` false, `src` is the query `[b, heads, 1, d]` and the cache's first `len` positions are
+/// attended (`cos`, `sin` are unused). With `step` true it is one decoding step from the fused projection
+/// `src` `[b, 1, w]` (q heads, then k heads, then v heads): the cube rotates its query head and its kv
+/// head's new key at position `len - 1` with `cos`, `sin` `[positions, d]`, takes the new value, the
+/// first query head of each kv group writes both into the caches at `len - 1`, and every cube attends
+/// the new position from its own copy (another cube's write to the cache is not visible within the
+/// launch). Both are rounded to the tensors' type first, as the separate kernels would store them.
 #[cube(launch_unchecked)]
 fn decode_attention_kernel<F: Float>(
-    q: &Tensor<F>,
-    k: &Tensor<F>,
-    v: &Tensor<F>,
+    src: &Tensor<F>,
+    cos: &Tensor<F>,
+    sin: &Tensor<F>,
+    k: &mut Tensor<F>,
+    v: &mut Tensor<F>,
     out: &mut Tensor<F>,
     len: usize,
     scale: f32,
+    heads: usize,
+    #[comptime] step: bool,
     #[define(F)] _dtype: ElemType,
 ) {
-    let (heads, d) = (q.shape(1), q.shape(3));
-    let (kv_heads, capacity) = (k.shape(1), k.shape(2));
+    let (kv_heads, capacity, d) = (k.shape(1), k.shape(2), k.shape(3));
+    let batch = src.shape(0);
     let bh = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
     // A whole cube past the last head leaves together, so no barrier below misses a unit.
-    if bh >= q.shape(0) * heads {
+    if bh >= batch * heads {
         terminate!();
     }
     let (bi, h) = (bh / heads, bh % heads);
-    let kv = h / (heads / kv_heads);
+    let group = heads / kv_heads;
+    let kv = h / group;
     let base = (bi * kv_heads + kv) * capacity * d;
-    let qb = bh * d;
     let u = UNIT_POS_X as usize;
     let units = comptime!(ATTENTION_UNITS) as usize;
     let chunk = comptime!(ATTENTION_CHUNK) as usize;
+    let mut qs = Shared::<[f32]>::new_slice(ATTENTION_UNITS as usize);
+    let mut kn = Shared::<[f32]>::new_slice(ATTENTION_UNITS as usize);
+    let mut vn = Shared::<[f32]>::new_slice(ATTENTION_UNITS as usize);
+    // The position read from `kn`, `vn` rather than the cache (none without `step`).
+    let mut fresh = len;
+    if u < d {
+        if comptime!(step) {
+            fresh = len - 1;
+            let row = bi * src.shape(2);
+            let (qh, kh) = (row + h * d, row + (heads + kv) * d);
+            let vh = row + (heads + kv_heads + kv) * d;
+            let half = d / 2;
+            let p = fresh * d + u;
+            let (c, sn) = (f32::cast_from(cos[p]), f32::cast_from(sin[p]));
+            let (qx, kx) = (f32::cast_from(src[qh + u]), f32::cast_from(src[kh + u]));
+            // "Rotate half": dimension i pairs with i + d/2.
+            let qp = if u < half {
+                -f32::cast_from(src[qh + u + half])
+            } else {
+                f32::cast_from(src[qh + u - half])
+            };
+            let kp = if u < half {
+                -f32::cast_from(src[kh + u + half])
+            } else {
+                f32::cast_from(src[kh + u - half])
+            };
+            let (qr, kr, vr) = (
+                F::cast_from(qx * c + qp * sn),
+                F::cast_from(kx * c + kp * sn),
+                src[vh + u],
+            );
+            qs[u] = f32::cast_from(qr);
+            kn[u] = f32::cast_from(kr);
+            vn[u] = f32::cast_from(vr);
+            if h % group == 0 {
+                k[base + fresh * d + u] = kr;
+                v[base + fresh * d + u] = vr;
+            }
+        } else {
+            qs[u] = f32::cast_from(src[bh * d + u]);
+        }
+    }
+    sync_cube();
     let mut scores = Shared::<[f32]>::new_slice(ATTENTION_CHUNK as usize);
     let mut parts = Shared::<[f32]>::new_slice(ATTENTION_UNITS as usize);
     let mut m = f32::new(-3.0e38);
@@ -330,12 +385,19 @@ fn decode_attention_kernel<F: Float>(
         let mut local_max = f32::new(-3.0e38);
         let mut j = u;
         while j < n {
-            let kr = base + (c0 + j) * d;
             let mut s = 0.0f32;
             let mut i = 0usize;
-            while i < d {
-                s += f32::cast_from(q[qb + i]) * f32::cast_from(k[kr + i]);
-                i += 1;
+            if c0 + j == fresh {
+                while i < d {
+                    s += qs[i] * kn[i];
+                    i += 1;
+                }
+            } else {
+                let kr = base + (c0 + j) * d;
+                while i < d {
+                    s += qs[i] * f32::cast_from(k[kr + i]);
+                    i += 1;
+                }
             }
             s *= scale;
             scores[j] = s;
@@ -380,7 +442,11 @@ fn decode_attention_kernel<F: Float>(
             let mut a = acc * correction;
             let mut jj = 0usize;
             while jj < n {
-                a += scores[jj] * f32::cast_from(v[base + (c0 + jj) * d + u]);
+                let mut value = vn[u];
+                if c0 + jj != fresh {
+                    value = f32::cast_from(v[base + (c0 + jj) * d + u]);
+                }
+                a += scores[jj] * value;
                 jj += 1;
             }
             acc = a;
@@ -390,7 +456,7 @@ fn decode_attention_kernel<F: Float>(
         c0 += chunk;
     }
     if u < d {
-        out[qb + u] = F::cast_from(acc / l);
+        out[bh * d + u] = F::cast_from(acc / l);
     }
 }
 
@@ -612,22 +678,78 @@ impl FusedOps for CubeBackend {
         let dtype = q.dtype;
         // SAFETY: `decode_attention` checked the shapes (`k`, `v` `[b, kv_heads, capacity, d]` with
         // `heads` a multiple of `kv_heads`, `len` ≤ capacity, `d` ≤ the cube's units); one cube per query
-        // head, each writing only that head's `d` values; cubes past the last head stop first.
+        // head, each writing only that head's `d` values; cubes past the last head stop first. Without
+        // `step` the kernel reads neither `cos` nor `sin` (bound to `q`) and writes neither cache.
         unsafe {
             decode_attention_kernel::launch_unchecked(
                 &out.client,
                 cubes(b * heads),
                 CubeDim::new_1d(ATTENTION_UNITS),
+                q.clone().into_tensor_arg(),
+                q.clone().into_tensor_arg(),
                 q.into_tensor_arg(),
                 k.into_tensor_arg(),
                 v.into_tensor_arg(),
                 out.clone().into_tensor_arg(),
                 len,
                 scale,
+                heads,
+                false,
                 dtype_to_storage_type(dtype),
             );
         }
         out
+    }
+
+    fn decode_step(
+        qkv: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        heads: usize,
+        position: usize,
+        scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (qkv, cos, sin) = (
+            into_contiguous(qkv),
+            into_contiguous(cos),
+            into_contiguous(sin),
+        );
+        // The caches are written in place when nothing else holds them (a prompt cache's copy does).
+        let owned = |t: FloatTensor<Self>| {
+            let t = into_contiguous(t);
+            if t.can_mut() { t } else { t.copy() }
+        };
+        let (k, v) = (owned(k), owned(v));
+        let b = qkv.meta.shape()[0];
+        let d = k.meta.shape()[3];
+        let out = empty_like(&qkv, Shape::new([b, 1, heads * d]));
+        let dtype = qkv.dtype;
+        // SAFETY: `decode_step` checked the shapes (`qkv` `[b, 1, (heads + 2 · kv_heads) · d]`, caches
+        // `[b, kv_heads, capacity, d]`, `position` < capacity and < the tables' positions, `d` even and
+        // ≤ the cube's units); one cube per query head, each writing that head's `d` outputs, and the
+        // first cube of each kv group the group's new key and value at `position`, which no cube reads
+        // from the caches.
+        unsafe {
+            decode_attention_kernel::launch_unchecked(
+                &out.client,
+                cubes(b * heads),
+                CubeDim::new_1d(ATTENTION_UNITS),
+                qkv.into_tensor_arg(),
+                cos.into_tensor_arg(),
+                sin.into_tensor_arg(),
+                k.clone().into_tensor_arg(),
+                v.clone().into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                position + 1,
+                scale,
+                heads,
+                true,
+                dtype_to_storage_type(dtype),
+            );
+        }
+        (out, k, v)
     }
 }
 
@@ -645,6 +767,7 @@ mod tests {
             rms_norm::tests::check_against_reference(&gpu, dtype, tol);
             rope::tests::check_against_reference(&gpu, dtype, tol);
             attention::tests::check_against_reference(&gpu, dtype, tol);
+            attention::tests::check_step_against_reference(&gpu, dtype, tol);
             row_matmul::tests::check_against_reference(&gpu, dtype, tol);
         }
     }

@@ -5,10 +5,8 @@
 //! check [`crate::kernels::applies`] first.
 
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Dispatch, backend_extension};
-#[cfg(feature = "fusion")]
-use burn::tensor::Shape;
-use burn::tensor::Tensor;
+use burn::backend::{Dispatch, TensorMetadata, backend_extension};
+use burn::tensor::{Shape, Slice, Tensor};
 
 /// Largest head dimension [`FusedOps::decode_attention`] takes.
 pub const ATTENTION_MAX_HEAD_DIM: usize = 256;
@@ -67,6 +65,53 @@ pub trait FusedOps: burn::backend::Backend {
         len: usize,
         scale: f32,
     ) -> FloatTensor<Self>;
+
+    /// One decoding step's attention from the fused projection `qkv` `[b, 1, (heads + 2 · kv_heads) · d]`
+    /// at `position`: q and k rotated with `cos`, `sin` `[positions, d]`, the new key and value written
+    /// into the caches `k`, `v` `[b, kv_heads, capacity, d]` at `position`, and the query attending
+    /// positions `0..=position`. Returns the attention `[b, 1, heads · d]` and the caches. By default
+    /// [`FusedOps::rope_heads`] twice, two cache writes and [`FusedOps::decode_attention`]; one kernel on
+    /// CubeCL runtimes.
+    #[fusion(default)]
+    #[allow(clippy::too_many_arguments)]
+    fn decode_step(
+        qkv: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        heads: usize,
+        position: usize,
+        scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (b, d, kv_heads) = (qkv.shape()[0], cos.shape()[1], k.shape()[1]);
+        let q = Self::rope_heads(qkv.clone(), cos.clone(), sin.clone(), 0, heads, position);
+        let new_k = Self::rope_heads(qkv.clone(), cos, sin, heads * d, kv_heads, position);
+        let start = (heads + kv_heads) * d;
+        let new_v = Self::float_slice(
+            qkv,
+            &[
+                Slice::from(0..b),
+                Slice::from(0..1),
+                Slice::from(start..start + kv_heads * d),
+            ],
+        );
+        let new_v = Self::float_swap_dims(
+            Self::float_reshape(new_v, Shape::new([b, 1, kv_heads, d])),
+            1,
+            2,
+        );
+        let at = [
+            Slice::from(0..b),
+            Slice::from(0..kv_heads),
+            Slice::from(position..position + 1),
+            Slice::from(0..d),
+        ];
+        let k = Self::float_slice_assign(k, &at, new_k);
+        let v = Self::float_slice_assign(v, &at, new_v);
+        let out = Self::decode_attention(q, k.clone(), v.clone(), position + 1, scale);
+        (out, k, v)
+    }
 }
 
 /// The shape with its last dimension halved (declared to the fusion backend).
@@ -167,6 +212,35 @@ pub fn decode_attention(
         len,
         scale,
     ))
+}
+
+/// [`FusedOps::decode_step`] on tensors.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_step(
+    qkv: Tensor<3>,
+    cos: Tensor<2>,
+    sin: Tensor<2>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    heads: usize,
+    position: usize,
+    scale: f32,
+) -> (Tensor<3>, Tensor<4>, Tensor<4>) {
+    let (out, k, v) = <Dispatch as FusedOps>::decode_step(
+        qkv.into_dispatch(),
+        cos.into_dispatch(),
+        sin.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        heads,
+        position,
+        scale,
+    );
+    (
+        Tensor::from_dispatch(out),
+        Tensor::from_dispatch(k),
+        Tensor::from_dispatch(v),
+    )
 }
 
 /// [`FusedOps::row_matmul`] on tensors.

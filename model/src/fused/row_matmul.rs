@@ -1,15 +1,15 @@
 //! The matrix products of decoding, one input row times a `[k, n]` weight, as a kernel made for reading
 //! the weight once at the memory's speed. Decoding a 7B model multiplies one row by each of ~14 GB of
 //! weights per token; Burn's autotuned product picks among tiled kernels made for many rows, and on an
-//! H200 through wgpu a whole token took 79 ms, 4 % of the memory-bandwidth floor (BENCHMARKS.md, GPU).
-//! Off until a GPU has measured it (none has: the first GPU session found the problem but had no time
-//! left): `LLAVA_MED_GPU_ROW_MATMUL=1` routes the products of inputs of at most [`ROW_MATMUL_MAX_ROWS`]
-//! rows on CubeCL runtimes through this kernel; otherwise, and for longer inputs and other backends,
-//! Burn's product runs. It splits the inputs into chunks so that even a 4096-wide product spreads over
-//! ~1,000 cubes (a tiled kernel of one row gives a large GPU a few dozen warps), a warp's 32 units read
-//! 32 neighbouring weights of one input row at a time, and the chunks' partial sums are added by a
-//! second small kernel. On lavapipe it is 10–40× slower than Burn's product (`examples/gpu_ops.rs`),
-//! which says little about a GPU: the CPU runs a cube's 256 units as a loop.
+//! H200 through wgpu a whole token took 80 ms with it, 4 % of the memory-bandwidth floor, and 17–27 ms
+//! with this kernel (BENCHMARKS.md, GPU). So on CubeCL runtimes the products of inputs of at most
+//! [`ROW_MATMUL_MAX_ROWS`] rows take it by default (`LLAVA_MED_GPU_ROW_MATMUL=0` switches back to Burn's
+//! product, for comparison); longer inputs and other backends take Burn's product. It splits the inputs
+//! into chunks so that even a 4096-wide product spreads over ~1,000 cubes (a tiled kernel of one row
+//! gives a large GPU a few dozen warps), a warp's 32 units read 32 neighbouring weights of one input row
+//! at a time, and the chunks' partial sums are added by a second small kernel. On lavapipe it is 10–40×
+//! slower than Burn's product (`examples/gpu_ops.rs`), which says nothing about a GPU: the CPU runs a
+//! cube's 256 units as a loop, and no one decodes on lavapipe (`--device auto` skips it).
 
 use burn::tensor::Tensor;
 
@@ -19,10 +19,18 @@ use crate::kernels;
 /// Inputs of at most this many rows may take the kernel (each row is its own pass over the weight).
 pub const ROW_MATMUL_MAX_ROWS: usize = 8;
 
-/// Whether `LLAVA_MED_GPU_ROW_MATMUL=1` switched the kernel on (read once).
+/// Whether the kernel is on: unless `LLAVA_MED_GPU_ROW_MATMUL=0` (read once).
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("LLAVA_MED_GPU_ROW_MATMUL").is_ok_and(|v| v == "1"))
+    *ON.get_or_init(|| switch_on(std::env::var("LLAVA_MED_GPU_ROW_MATMUL").ok().as_deref()))
+}
+
+/// The switch's meaning: on unless set to `0`, `off` or `false`.
+fn switch_on(value: Option<&str>) -> bool {
+    !matches!(
+        value.map(|v| v.trim().to_ascii_lowercase()).as_deref(),
+        Some("0" | "off" | "false")
+    )
 }
 
 /// `x` `[m, k]` times `w` `[k, n]`: `[m, n]`.
@@ -47,6 +55,21 @@ pub fn fits_kernel(x: &Tensor<2>, w: &Tensor<2>) -> bool {
 /// Whether [`row_matmul`] runs the kernel for these operands.
 pub fn takes_kernel(x: &Tensor<2>, w: &Tensor<2>) -> bool {
     enabled() && fits_kernel(x, w)
+}
+
+#[cfg(test)]
+mod switch_tests {
+    use super::switch_on;
+
+    #[test]
+    fn the_kernel_is_on_unless_switched_off() {
+        for on in [None, Some("1"), Some("on"), Some("")] {
+            assert!(switch_on(on), "{on:?}");
+        }
+        for off in ["0", "off", "FALSE", " 0 "] {
+            assert!(!switch_on(Some(off)), "{off:?}");
+        }
+    }
 }
 
 // Run by the CubeCL kernels' tests (`fused::cube`), on wgpu.

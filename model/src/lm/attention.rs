@@ -9,7 +9,7 @@ use super::kv_cache::KvCache;
 use super::rope::Rope;
 use crate::config::TextConfig;
 use crate::error::Result;
-use crate::fused::attention::decode_attention;
+use crate::fused::attention::decode_step;
 use crate::linear::Linear;
 use crate::weights::WeightLoader;
 
@@ -65,18 +65,24 @@ impl SelfAttention {
             self.num_kv_heads * self.head_dim,
         );
         let qkv = self.qkv_proj.forward(x);
-        let q = rope.heads(qkv.clone(), 0, self.num_heads, offset);
-        let k = rope.heads(qkv.clone(), q_dim, self.num_kv_heads, offset);
-        let v = split(qkv.narrow(2, q_dim + kv_dim, kv_dim), self.num_kv_heads);
         let total = offset + seq;
         let windowed = self.sliding_window.is_some_and(|w| total > w);
         if seq == 1 && !windowed {
-            // One new position sees every cached key: softmax(q·kᵀ/√d)·v in one pass over the cache where
-            // it lies, the heads side by side as the output projection takes them (`fused::attention`).
-            let (k, v) = cache.append_whole(layer, k, v);
+            // One new position sees every cached key: q and k rotated, the new key and value written into
+            // the cache, and softmax(q·kᵀ/√d)·v in one pass over the cache where it lies, the heads side by
+            // side as the output projection takes them (`fused::attention`; one launch on a GPU).
             let scale = (self.head_dim as f32).powf(-0.5);
-            return self.o_proj.forward(decode_attention(q, k, v, total, scale));
+            let (cos, sin) = rope.tables();
+            let heads = self.num_heads;
+            let out = cache.write_with(layer, |k, v| {
+                let (out, k, v) = decode_step(qkv, cos, sin, k, v, heads, offset, scale);
+                (k, v, out)
+            });
+            return self.o_proj.forward(out);
         }
+        let q = rope.heads(qkv.clone(), 0, self.num_heads, offset);
+        let k = rope.heads(qkv.clone(), q_dim, self.num_kv_heads, offset);
+        let v = split(qkv.narrow(2, q_dim + kv_dim, kv_dim), self.num_kv_heads);
         let (k, v) = cache.append(layer, k, v);
         let out = if windowed {
             let mask = window_mask(

@@ -18,7 +18,8 @@ struct LayerCache {
 /// each layer holds k and v of `[batch, kv_heads, capacity, head_dim]`
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    layers: Vec<LayerCache>,
+    /// `None` only while [`KvCache::write_with`] holds a layer's buffers.
+    layers: Vec<Option<LayerCache>>,
     len: usize,
     capacity: usize,
 }
@@ -36,9 +37,11 @@ impl KvCache {
     ) -> Self {
         let zeros = || Tensor::<4>::zeros([batch, kv_heads, capacity, head_dim], (device, dtype));
         let layers = (0..num_layers)
-            .map(|_| LayerCache {
-                k: zeros(),
-                v: zeros(),
+            .map(|_| {
+                Some(LayerCache {
+                    k: zeros(),
+                    v: zeros(),
+                })
             })
             .collect();
         Self {
@@ -67,6 +70,7 @@ impl KvCache {
     pub fn bytes(&self) -> usize {
         self.layers
             .iter()
+            .flatten()
             .flat_map(|l| [&l.k, &l.v])
             .map(|t| t.shape().num_elements() * t.dtype().size())
             .sum()
@@ -96,29 +100,31 @@ impl KvCache {
     /// Writes layer `layer`'s new keys/values at the current end and returns all cached ones (new included).
     /// The caller advances the length with [`KvCache::advance`] once every layer is written.
     pub fn append(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        let end = self.len + k.dims()[2];
-        let (k, v) = self.append_whole(layer, k, v);
-        (k.narrow(2, 0, end), v.narrow(2, 0, end))
-    }
-
-    /// [`KvCache::append`] returning the whole `[batch, kv_heads, capacity, head_dim]` buffers, of which the
-    /// first `len() + seq` positions are filled: what a kernel that takes the length as a number reads
-    /// without a copy of the filled part.
-    pub fn append_whole(
-        &mut self,
-        layer: usize,
-        k: Tensor<4>,
-        v: Tensor<4>,
-    ) -> (Tensor<4>, Tensor<4>) {
         let [b, h, seq, d] = k.dims();
         let (start, end) = (self.len, self.len + seq);
-        let entry = &mut self.layers[layer];
-        // `slice_assign` on a uniquely owned tensor updates it in place on Burn's backends.
-        let kc = std::mem::replace(&mut entry.k, k.clone());
-        entry.k = kc.slice_assign([0..b, 0..h, start..end, 0..d], k);
-        let vc = std::mem::replace(&mut entry.v, v.clone());
-        entry.v = vc.slice_assign([0..b, 0..h, start..end, 0..d], v);
-        (entry.k.clone(), entry.v.clone())
+        self.write_with(layer, |kc, vc| {
+            // `slice_assign` on a uniquely owned tensor updates it in place on Burn's backends.
+            let at = [0..b, 0..h, start..end, 0..d];
+            let (kc, vc) = (kc.slice_assign(at.clone(), k), vc.slice_assign(at, v));
+            let filled = (kc.clone().narrow(2, 0, end), vc.clone().narrow(2, 0, end));
+            (kc, vc, filled)
+        })
+    }
+
+    /// Hands layer `layer`'s whole `[batch, kv_heads, capacity, head_dim]` buffers to `write`, which returns
+    /// them with new positions written, and keeps those. The cache holds no other reference meanwhile,
+    /// so a write through Burn's in-place ops does not copy them.
+    pub fn write_with<R>(
+        &mut self,
+        layer: usize,
+        write: impl FnOnce(Tensor<4>, Tensor<4>) -> (Tensor<4>, Tensor<4>, R),
+    ) -> R {
+        let LayerCache { k, v } = self.layers[layer]
+            .take()
+            .expect("a layer's cache is back after each write");
+        let (k, v, r) = write(k, v);
+        self.layers[layer] = Some(LayerCache { k, v });
+        r
     }
 
     /// Marks `seq` more positions as filled.

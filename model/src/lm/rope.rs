@@ -49,6 +49,11 @@ impl Rope {
         }
     }
 
+    /// The cos and sin tables `[positions, head_dim]`.
+    pub fn tables(&self) -> (Tensor<2>, Tensor<2>) {
+        (self.cos.clone(), self.sin.clone())
+    }
+
     /// Largest position + 1 the tables cover.
     pub fn max_positions(&self) -> usize {
         self.cos.dims()[0]

@@ -149,9 +149,37 @@ fn bench_rejects_a_context_too_short_before_loading() {
         "16",
     ]);
     assert!(
-        err.contains("--context 300 is too short for bench: it needs 622 positions"),
+        err.contains("--context 300 is too short for bench: it needs 667 positions"),
         "{err}"
     );
+}
+
+#[test]
+fn bench_times_decoding_at_the_contexts_asked_for() {
+    let out = llava_med_ok([
+        "bench",
+        "--shape",
+        "tiny",
+        "--device",
+        "cpu",
+        "--runs",
+        "1",
+        "--prompt-tokens",
+        "8",
+        "--new-tokens",
+        "2",
+        "--contexts",
+        "16,40",
+        "--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let contexts: Vec<u64> = report["decode"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["context"].as_u64().unwrap())
+        .collect();
+    assert_eq!(contexts, [16, 40], "{report}");
 }
 
 #[test]
