@@ -9,11 +9,14 @@
 //!
 //! ```text
 //! cargo run -p llava-med --features wgpu --example gpu_ops -- [--device wgpu|cpu] [--dtype f16|f32]
-//!     [--runs N] [--scale S]
+//!     [--runs N] [--scale S] [--calls N]
 //! ```
 //!
 //! `--scale S` divides every dimension by S (lavapipe caps a buffer at 128 MiB: `--scale 4` runs there).
 //! Each product cycles through 4 copies of its weight so that none is served from the GPU's L2 cache.
+//! `--calls N` (default 16) sets how many calls run back to back per timed run: on lavapipe the time per
+//! call grew with it (from ~8 to ~250 µs for an addition, 37 to 1,100 µs for a small one-row product)
+//! while one call waited for alone stayed at 10–45 µs, which a GPU run should confirm or not.
 
 use std::time::Instant;
 
@@ -32,7 +35,7 @@ const PRODUCTS: [(&str, usize, usize); 5] = [
 ];
 /// Weight copies each product cycles through.
 const COPIES: usize = 4;
-/// Calls per timed run.
+/// Calls per timed run unless `--calls` says otherwise.
 const CALLS: usize = 16;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -45,30 +48,30 @@ fn sync(t: &Tensor<2>) {
     let _ = t.clone().slice([0..1, 0..1]).into_data();
 }
 
-/// Median microseconds per call of `f` over `runs` runs of `CALLS` calls submitted back to back, then one
+/// Median microseconds per call of `f` over `runs` runs of `calls` calls submitted back to back, then one
 /// wait, after one warm-up run (which also lets autotuning pick its kernel).
-fn time(runs: usize, mut f: impl FnMut(usize) -> Tensor<2>) -> f64 {
+fn time(runs: usize, calls: usize, mut f: impl FnMut(usize) -> Tensor<2>) -> f64 {
     let mut run = || {
         let start = Instant::now();
         let mut last = f(0);
-        for i in 1..CALLS {
+        for i in 1..calls {
             last = f(i);
         }
         sync(&last);
-        start.elapsed().as_secs_f64() * 1e6 / CALLS as f64
+        start.elapsed().as_secs_f64() * 1e6 / calls as f64
     };
     run();
     median((0..runs).map(|_| run()).collect())
 }
 
-/// Median microseconds of one call of `f` and the wait for its result, over `runs · CALLS` calls: with
+/// Median microseconds of one call of `f` and the wait for its result, over `runs · calls` calls: with
 /// the same figure for a one-value addition subtracted, the call's time on the device. (The 2026-11-27
 /// H200 figures of [`time`] were faster than the memory allows for the largest products, so the calls
 /// back to back did not show the devices' work; each call waited for alone cannot hide it.)
-fn time_alone(runs: usize, mut f: impl FnMut(usize) -> Tensor<2>) -> f64 {
+fn time_alone(runs: usize, calls: usize, mut f: impl FnMut(usize) -> Tensor<2>) -> f64 {
     sync(&f(0));
     median(
-        (0..runs * CALLS)
+        (0..runs * calls)
             .map(|i| {
                 let start = Instant::now();
                 sync(&f(i));
@@ -79,7 +82,7 @@ fn time_alone(runs: usize, mut f: impl FnMut(usize) -> Tensor<2>) -> f64 {
 }
 
 fn main() {
-    let (mut runs, mut scale) = (5usize, 1usize);
+    let (mut runs, mut scale, mut calls) = (5usize, 1usize, CALLS);
     let (mut device_name, mut dtype_name) = ("wgpu".to_string(), "f16".to_string());
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -87,6 +90,7 @@ fn main() {
         match a.as_str() {
             "--runs" => runs = value().parse().expect("--runs takes a number"),
             "--scale" => scale = value().parse().expect("--scale takes a number"),
+            "--calls" => calls = value().parse().expect("--calls takes a number"),
             "--device" => device_name = value(),
             "--dtype" => dtype_name = value(),
             other => panic!("unknown argument {other}"),
@@ -107,8 +111,8 @@ fn main() {
 
     // Launch cost: a chain of additions on a one-value tensor, each its own kernel.
     let one = Tensor::<2>::zeros([1, 1], &device).cast(dtype);
-    let launch_us = time(runs, |_| one.clone() + 1.0);
-    let round_trip_us = time_alone(runs, |_| one.clone() + 1.0);
+    let launch_us = time(runs, calls, |_| one.clone() + 1.0);
+    let round_trip_us = time_alone(runs, calls, |_| one.clone() + 1.0);
     println!(
         "{}",
         serde_json::json!({"op": "launch (add on 1 value)", "us": launch_us,
@@ -141,8 +145,9 @@ fn main() {
                                        "gb_per_s": bytes / (device_us * 1e-6) / 1e9})
                 );
             };
-            let both =
-                |f: &mut dyn FnMut(usize) -> Tensor<2>| (time(runs, &mut *f), time_alone(runs, f));
+            let both = |f: &mut dyn FnMut(usize) -> Tensor<2>| {
+                (time(runs, calls, &mut *f), time_alone(runs, calls, f))
+            };
             if !int4 {
                 let burn = both(&mut |i| x.clone().matmul(ws[i % COPIES].clone()));
                 report("burn matmul", burn, k * n * bytes_per);
