@@ -35,6 +35,8 @@ LLAVA_MED_GPU_ROW_MATMUL=0 LLAVA_MED_REQUIRE_TEST_DATA=1 cargo test -p llava-med
 echo "== cargo test with Burn's fusion backend (our kernels and wgpu parity through fusion)"
 LLAVA_MED_REQUIRE_TEST_DATA=1 cargo test -p llava-med --features wgpu,fusion --lib -- quant:: fused:: --test-threads=2
 LLAVA_MED_REQUIRE_TEST_DATA=1 cargo test -p llava-med --features wgpu,fusion --test integration on_wgpu -- --test-threads=2
+echo "== SPIR-V build type-check (Burn's vulkan feature: bench/device.sh runs it on a lent GPU; lavapipe cannot)"
+cargo check -q -p llava-med --features vulkan --bin llava-med
 echo "== CUDA type-check (DOCS_RS=1 skips the LLVM download burn-cuda's build script needs)"
 DOCS_RS=1 cargo check -p llava-med --no-default-features --features cuda
 
