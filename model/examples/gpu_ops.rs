@@ -16,7 +16,9 @@
 //! Each product cycles through 4 copies of its weight so that none is served from the GPU's L2 cache.
 //! `--calls N` (default 16) sets how many calls run back to back per timed run: on lavapipe the time per
 //! call grew with it (from ~8 to ~250 µs for an addition, 37 to 1,100 µs for a small one-row product)
-//! while one call waited for alone stayed at 10–45 µs, which a GPU run should confirm or not.
+//! while one call waited for alone stayed at 10–45 µs: CubeCL's launch channel holds 32 tasks and the
+//! caller spins while it is full, which on 2 cores slows lavapipe's kernels. On a GPU machine the
+//! back-to-back figure is the slower of CubeCL's device thread's time per launch and the GPU's per kernel.
 
 use std::time::Instant;
 
