@@ -102,7 +102,7 @@ run)
   status gpu-ops $?
   cat "$out/gpu-ops.jsonl"
   snap
-  # Decoding through wgpu is bound by launches on the host (~40 µs each on the H200 in the debug build):
+  # Decoding through wgpu is bound by its launches (~40 µs each back to back on the H200, debug build):
   # the optimised build's whole `bench`, then the debug build at one context, to tell how much of that
   # cost the build profile makes.
   bin=.gpu/llava-med

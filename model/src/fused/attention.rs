@@ -2,8 +2,8 @@
 //! a scale, casts, a five-op softmax, a second product and a copy to put the heads side by side, each a
 //! launch on a GPU, for every layer of every token. On CubeCL runtimes [`decode_step`] also takes the
 //! rotary embedding of q and k and the cache writes into the same launch: decoding on a GPU is bound by
-//! launches (~40 µs each through wgpu on the H200; BENCHMARKS.md, GPU), and those were four more per
-//! layer.
+//! the number of launches (~40 µs each back to back through wgpu on the H200; BENCHMARKS.md, GPU), and
+//! those were four more per layer.
 
 use burn::tensor::{DType, Tensor, activation};
 
