@@ -460,6 +460,50 @@ fn decode_attention_kernel<F: Float>(
     }
 }
 
+/// Launches [`decode_attention_kernel`] for `heads` query heads of `src` over the caches `k`, `v` (all
+/// contiguous), one cube per query head: `[b, 1, heads · d]`.
+///
+/// # Safety
+/// The shapes must be what the kernel takes for `step` (see [`decode_attention_kernel`]), `len` at most the
+/// caches' capacity and `d` at most [`ATTENTION_UNITS`]: the kernel does not check its reads. Each cube
+/// writes only its head's `d` outputs, and cubes past the last head stop first.
+#[allow(clippy::too_many_arguments)]
+unsafe fn launch_decode_attention(
+    src: FloatTensor<CubeBackend>,
+    cos: FloatTensor<CubeBackend>,
+    sin: FloatTensor<CubeBackend>,
+    k: FloatTensor<CubeBackend>,
+    v: FloatTensor<CubeBackend>,
+    heads: usize,
+    len: usize,
+    scale: f32,
+    step: bool,
+) -> FloatTensor<CubeBackend> {
+    let (b, d) = (src.meta.shape()[0], k.meta.shape()[3]);
+    let out = empty_like(&src, Shape::new([b, 1, heads * d]));
+    let dtype = src.dtype;
+    // SAFETY: the caller's (above).
+    unsafe {
+        decode_attention_kernel::launch_unchecked(
+            &out.client,
+            cubes(b * heads),
+            CubeDim::new_1d(ATTENTION_UNITS),
+            src.into_tensor_arg(),
+            cos.into_tensor_arg(),
+            sin.into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            len,
+            scale,
+            heads,
+            step,
+            dtype_to_storage_type(dtype),
+        );
+    }
+    out
+}
+
 impl FusedOps for CubeBackend {
     fn row_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         // A no-op for the contiguous inputs decoding passes (weights are stored `[in, out]` contiguous).
@@ -672,33 +716,11 @@ impl FusedOps for CubeBackend {
         scale: f32,
     ) -> FloatTensor<Self> {
         let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
-        let qd = q.meta.shape().to_vec();
-        let (b, heads, d) = (qd[0], qd[1], qd[3]);
-        let out = empty_like(&q, Shape::new([b, 1, heads * d]));
-        let dtype = q.dtype;
-        // SAFETY: `decode_attention` checked the shapes (`k`, `v` `[b, kv_heads, capacity, d]` with
-        // `heads` a multiple of `kv_heads`, `len` ≤ capacity, `d` ≤ the cube's units); one cube per query
-        // head, each writing only that head's `d` values; cubes past the last head stop first. Without
-        // `step` the kernel reads neither `cos` nor `sin` (bound to `q`) and writes neither cache.
-        unsafe {
-            decode_attention_kernel::launch_unchecked(
-                &out.client,
-                cubes(b * heads),
-                CubeDim::new_1d(ATTENTION_UNITS),
-                q.clone().into_tensor_arg(),
-                q.clone().into_tensor_arg(),
-                q.into_tensor_arg(),
-                k.into_tensor_arg(),
-                v.into_tensor_arg(),
-                out.clone().into_tensor_arg(),
-                len,
-                scale,
-                heads,
-                false,
-                dtype_to_storage_type(dtype),
-            );
-        }
-        out
+        let heads = q.meta.shape()[1];
+        // SAFETY: `decode_attention` checked the shapes (`q` `[b, heads, 1, d]`, `k`, `v` `[b, kv_heads,
+        // capacity, d]` with `heads` a multiple of `kv_heads`, `len` ≤ capacity, `d` ≤ the cube's units).
+        // Without `step` the kernel reads neither `cos` nor `sin` (bound to `q`) and writes neither cache.
+        unsafe { launch_decode_attention(q.clone(), q.clone(), q, k, v, heads, len, scale, false) }
     }
 
     fn decode_step(
@@ -722,33 +744,23 @@ impl FusedOps for CubeBackend {
             if t.can_mut() { t } else { t.copy() }
         };
         let (k, v) = (owned(k), owned(v));
-        let b = qkv.meta.shape()[0];
-        let d = k.meta.shape()[3];
-        let out = empty_like(&qkv, Shape::new([b, 1, heads * d]));
-        let dtype = qkv.dtype;
         // SAFETY: `decode_step` checked the shapes (`qkv` `[b, 1, (heads + 2 · kv_heads) · d]`, caches
         // `[b, kv_heads, capacity, d]`, `position` < capacity and < the tables' positions, `d` even and
-        // ≤ the cube's units); one cube per query head, each writing that head's `d` outputs, and the
-        // first cube of each kv group the group's new key and value at `position`, which no cube reads
-        // from the caches.
-        unsafe {
-            decode_attention_kernel::launch_unchecked(
-                &out.client,
-                cubes(b * heads),
-                CubeDim::new_1d(ATTENTION_UNITS),
-                qkv.into_tensor_arg(),
-                cos.into_tensor_arg(),
-                sin.into_tensor_arg(),
-                k.clone().into_tensor_arg(),
-                v.clone().into_tensor_arg(),
-                out.clone().into_tensor_arg(),
+        // ≤ the cube's units); the first cube of each kv group writes the group's new key and value at
+        // `position`, which no cube reads from the caches.
+        let out = unsafe {
+            launch_decode_attention(
+                qkv,
+                cos,
+                sin,
+                k.clone(),
+                v.clone(),
+                heads,
                 position + 1,
                 scale,
-                heads,
                 true,
-                dtype_to_storage_type(dtype),
-            );
-        }
+            )
+        };
         (out, k, v)
     }
 }
