@@ -3,12 +3,11 @@
 //! `quick_gelu`. Returns the hidden state LLaVA selects (`mm_vision_select_layer`).
 
 use burn::module::{Module, Param};
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Tensor, activation};
 
 use crate::config::{VisionActivation, VisionConfig};
 use crate::error::Result;
+use crate::fused::prompt_attention::prompt_attention;
 use crate::linear::Linear;
 use crate::norm::LayerNorm;
 use crate::weights::WeightLoader;
@@ -34,8 +33,9 @@ impl ClipAttention {
         let q = heads(self.q_proj.forward(x.clone()));
         let k = heads(self.k_proj.forward(x.clone()));
         let v = heads(self.v_proj.forward(x));
-        let o = attention(q, k, v, None, None, AttentionModuleOptions::default());
-        self.out_proj.forward(o.swap_dims(1, 2).reshape([b, n, d]))
+        let scale = ((d / self.num_heads) as f32).powf(-0.5);
+        self.out_proj
+            .forward(prompt_attention(q, k, v, false, scale))
     }
 }
 

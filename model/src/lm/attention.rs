@@ -10,6 +10,7 @@ use super::rope::Rope;
 use crate::config::TextConfig;
 use crate::error::Result;
 use crate::fused::attention::decode_step;
+use crate::fused::prompt_attention::prompt_attention;
 use crate::linear::Linear;
 use crate::weights::WeightLoader;
 
@@ -95,19 +96,13 @@ impl SelfAttention {
             .expand([b, self.num_heads, seq, total]);
             let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
             attention(q, k, v, Some(mask), None, AttentionModuleOptions::default())
+                .swap_dims(1, 2)
+                .reshape([b, seq, q_dim])
         } else {
-            // Causal with the diagonal aligned bottom-right, which is right for a cached prefix too.
-            let options = AttentionModuleOptions {
-                is_causal: seq > 1,
-                ..Default::default()
-            };
-            let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
-            attention(q, k, v, None, None, options)
+            let scale = (self.head_dim as f32).powf(-0.5);
+            prompt_attention(q, k, v, seq > 1, scale)
         };
-        self.o_proj.forward(
-            out.swap_dims(1, 2)
-                .reshape([b, seq, self.num_heads * self.head_dim]),
-        )
+        self.o_proj.forward(out)
     }
 
     /// Repeats each KV head for its group of query heads.

@@ -10,6 +10,8 @@ use super::extension::FusedOps;
 use crate::kernels::has_avx2;
 use crate::kernels::host::values;
 
+mod prompt_attention;
+
 /// Values per parallel task (below it, thread hand-offs cost more than they save).
 const CHUNK: usize = 16 * 1024;
 

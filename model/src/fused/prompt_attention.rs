@@ -1,0 +1,146 @@
+//! Attention of many positions at once: a prompt over itself and whatever the KV cache holds before it
+//! (causal), or an image's patches over each other (the vision tower). On the CPU backend this is our own
+//! kernel ([`super::cpu::prompt_attention`]): Burn's CPU attention computes every score of a causal prompt,
+//! masked or not, and takes `exp` one library call at a time, which made attention a fifth of a 512-token
+//! prefill (BENCHMARKS.md); the kernel skips the masked blocks, takes `exp` in vector lanes and writes the
+//! heads side by side as the output projection reads them. Everywhere else (GPU, autodiff, 16-bit CPU
+//! tensors) it is Burn's attention.
+
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{DType, Tensor};
+
+use crate::kernels;
+
+/// The CPU kernel as a Burn backend extension (the CPU backend only: other backends never reach it).
+#[cfg(feature = "cpu")]
+#[burn::backend::backend_extension(Flex: cfg(feature = "cpu"))]
+pub trait PromptAttentionOps: burn::backend::Backend {
+    /// [`prompt_attention`] on the backend's tensors.
+    fn prompt_attention(
+        q: burn::backend::tensor::FloatTensor<Self>,
+        k: burn::backend::tensor::FloatTensor<Self>,
+        v: burn::backend::tensor::FloatTensor<Self>,
+        causal: bool,
+        scale: f32,
+    ) -> burn::backend::tensor::FloatTensor<Self>;
+}
+
+/// `softmax(q · kᵀ · scale) · v` for `q` `[batch, heads, seq, head_dim]` over `k`, `v` `[batch, kv_heads,
+/// keys, head_dim]` (grouped-query: each kv head serves `heads / kv_heads` query heads). With `causal`,
+/// query `i` sees keys `0..=i + keys - seq` (the new positions are the last `seq` of the keys, after a
+/// cached prefix). Returns `[batch, seq, heads · head_dim]`, the heads side by side.
+pub fn prompt_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    causal: bool,
+    scale: f32,
+) -> Tensor<3> {
+    let ([b, heads, seq, d], [kb, kv_heads, keys, kd]) = (q.dims(), k.dims());
+    assert!(
+        kb == b
+            && kd == d
+            && v.dims() == k.dims()
+            && kv_heads > 0
+            && heads.is_multiple_of(kv_heads)
+            && (!causal || keys >= seq),
+        "prompt attention: q {:?}, k {:?}, v {:?}",
+        q.dims(),
+        k.dims(),
+        v.dims()
+    );
+    let device = q.device();
+    let on_cpu_kernel = kernels::applies(&device, DType::F32)
+        && !kernels::on_cube(&device)
+        && [q.dtype(), k.dtype(), v.dtype()]
+            .iter()
+            .all(|t| *t == DType::F32);
+    #[cfg(feature = "cpu")]
+    if on_cpu_kernel {
+        use burn::backend::Dispatch;
+        return Tensor::from_dispatch(<Dispatch as PromptAttentionOps>::prompt_attention(
+            q.into_dispatch(),
+            k.into_dispatch(),
+            v.into_dispatch(),
+            causal,
+            scale,
+        ));
+    }
+    let _ = on_cpu_kernel;
+    burn_attention(q, k, v, causal, scale)
+}
+
+/// [`prompt_attention`] through Burn's attention, each kv head repeated for its query heads.
+fn burn_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool, scale: f32) -> Tensor<3> {
+    let [b, heads, seq, d] = q.dims();
+    let repeat = |t: Tensor<4>| {
+        let [b, kv_heads, keys, d] = t.dims();
+        let groups = heads / kv_heads;
+        if groups == 1 {
+            return t;
+        }
+        t.unsqueeze_dim::<5>(2)
+            .expand([b, kv_heads, groups, keys, d])
+            .reshape([b, heads, keys, d])
+    };
+    let options = AttentionModuleOptions {
+        scale: Some(scale as f64),
+        // Causal with the diagonal aligned bottom-right, which is right for a cached prefix too.
+        is_causal: causal,
+        ..Default::default()
+    };
+    attention(q, repeat(k), repeat(v), None, None, options)
+        .swap_dims(1, 2)
+        .reshape([b, seq, heads * d])
+}
+
+#[cfg(all(test, feature = "cpu"))]
+mod tests {
+    use burn::tensor::{Device, Distribution, Tensor};
+
+    use super::*;
+    use crate::fused::test_support::assert_close;
+
+    fn random(shape: [usize; 4]) -> Tensor<4> {
+        Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Device::flex())
+    }
+
+    /// The kernel against Burn's attention: prompts longer than one block of rows, a cached prefix,
+    /// grouped-query heads, the vision tower's full attention, and inputs read in place (a cache's first
+    /// positions, heads split out of a projection by swapping dimensions).
+    #[test]
+    fn cpu_kernel_matches_burn_attention() {
+        let scale = 0.125;
+        // (heads, kv_heads, seq, keys, causal)
+        for (heads, kv_heads, seq, keys, causal) in [
+            (4, 2, 150, 150, true),
+            (4, 4, 37, 190, true),
+            (6, 2, 1, 9, true),
+            (3, 3, 70, 70, false),
+            (2, 1, 65, 130, false),
+        ] {
+            let q = random([2, heads, seq, 64]);
+            let cache = || random([2, kv_heads, keys + 11, 64]).narrow(2, 0, keys);
+            let (k, v) = (cache(), cache());
+            let got = prompt_attention(q.clone(), k.clone(), v.clone(), causal, scale);
+            let want = burn_attention(q, k, v, causal, scale);
+            assert_close(
+                &format!("{heads}/{kv_heads} heads, {seq} over {keys}, causal {causal}"),
+                got,
+                want,
+                1e-5,
+            );
+        }
+        // Heads as a projection's output split by a swap of dimensions (not contiguous).
+        let split = |t: Tensor<3>| t.reshape([1, 50, 4, 32]).swap_dims(1, 2);
+        let x = || Tensor::<3>::random([1, 50, 128], Distribution::Default, &Device::flex());
+        let (q, k, v) = (split(x()), split(x()), split(x()));
+        assert_close(
+            "split heads",
+            prompt_attention(q.clone(), k.clone(), v.clone(), false, 0.2),
+            burn_attention(q, k, v, false, 0.2),
+            1e-5,
+        );
+    }
+}
