@@ -12,6 +12,7 @@ pub mod engine;
 pub mod error;
 pub mod fused;
 pub mod generate;
+pub mod host_memory;
 pub mod imaging;
 pub mod kernels;
 pub mod linear;

@@ -330,6 +330,8 @@ fn main() -> ExitCode {
         // SAFETY: single-threaded at this point.
         unsafe { std::env::set_var("EGL_PLATFORM", "surfaceless") };
     }
+    // Activations' buffers reused rather than faulted in afresh each time (`host_memory`).
+    llava_med::host_memory::keep_freed_blocks();
     let cli = Cli::parse();
     // Our own warnings by default (the server also logs each request); `LLAVA_MED_LOG=debug` (or any
     // EnvFilter directive) for more.
