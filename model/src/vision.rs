@@ -15,9 +15,8 @@ use crate::weights::WeightLoader;
 /// Self-attention of one encoder layer.
 #[derive(Module, Debug)]
 pub struct ClipAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// `q_proj`, `k_proj` and `v_proj` side by side: one matrix product instead of three.
+    qkv_proj: Linear,
     out_proj: Linear,
     num_heads: usize,
 }
@@ -26,13 +25,15 @@ impl ClipAttention {
     /// `x`: [batch, tokens, hidden] → same shape.
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, n, d] = x.dims();
-        let heads = |t: Tensor<3>| {
-            t.reshape([b, n, self.num_heads, d / self.num_heads])
+        let qkv = self.qkv_proj.forward(x);
+        // Each third's heads, read where they lie by the attention kernel (a view on the CPU backend).
+        let heads = |i: usize| {
+            qkv.clone()
+                .narrow(2, i * d, d)
+                .reshape([b, n, self.num_heads, d / self.num_heads])
                 .swap_dims(1, 2)
         };
-        let q = heads(self.q_proj.forward(x.clone()));
-        let k = heads(self.k_proj.forward(x.clone()));
-        let v = heads(self.v_proj.forward(x));
+        let (q, k, v) = (heads(0), heads(1), heads(2));
         let scale = ((d / self.num_heads) as f32).powf(-0.5);
         self.out_proj
             .forward(prompt_attention(q, k, v, false, scale))
@@ -108,9 +109,12 @@ impl ClipVisionTower {
                     cfg.layer_norm_eps,
                 )?,
                 self_attn: ClipAttention {
-                    q_proj: lin(w, "self_attn.q_proj", d, d)?,
-                    k_proj: lin(w, "self_attn.k_proj", d, d)?,
-                    v_proj: lin(w, "self_attn.v_proj", d, d)?,
+                    qkv_proj: w.fused_linear(
+                        &["q_proj", "k_proj", "v_proj"].map(|p| format!("{lp}.self_attn.{p}")),
+                        d,
+                        &[d, d, d],
+                        true,
+                    )?,
                     out_proj: lin(w, "self_attn.out_proj", d, d)?,
                     num_heads: cfg.num_heads,
                 },

@@ -84,15 +84,42 @@ fn burn_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool, scale:
             .expand([b, kv_heads, groups, keys, d])
             .reshape([b, heads, keys, d])
     };
-    let options = AttentionModuleOptions {
-        scale: Some(scale as f64),
+    attention(
+        q,
+        repeat(k),
+        repeat(v),
+        None,
+        None,
+        options(d, causal, scale),
+    )
+    .swap_dims(1, 2)
+    .reshape([b, seq, heads * d])
+}
+
+/// Burn's attention options for heads of `d` values. Burn's GPU attention kernel takes only its default
+/// scale, 1/√d (any other falls back to a composition of generic ops, a launch each), so that one is passed
+/// as the default.
+fn options(d: usize, causal: bool, scale: f32) -> AttentionModuleOptions {
+    let default = (d as f64).sqrt().recip();
+    AttentionModuleOptions {
+        scale: ((scale as f64 - default).abs() > 1e-6 * default).then_some(scale as f64),
         // Causal with the diagonal aligned bottom-right, which is right for a cached prefix too.
         is_causal: causal,
         ..Default::default()
-    };
-    attention(q, repeat(k), repeat(v), None, None, options)
-        .swap_dims(1, 2)
-        .reshape([b, seq, heads * d])
+    }
+}
+
+#[cfg(test)]
+mod option_tests {
+    use super::options;
+
+    #[test]
+    fn the_default_scale_is_left_to_burn() {
+        assert_eq!(options(64, true, 0.125).scale, None);
+        assert_eq!(options(128, false, 128f32.powf(-0.5)).scale, None);
+        assert_eq!(options(64, false, 0.2).scale, Some(0.2f32 as f64));
+        assert!(options(64, true, 0.125).is_causal);
+    }
 }
 
 #[cfg(all(test, feature = "cpu"))]
