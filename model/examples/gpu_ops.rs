@@ -2,7 +2,9 @@
 //! product of a Mistral-7B decoder layer (fused q/k/v 4096→6144, o 4096→4096, fused gate/up 4096→28672,
 //! down 14336→4096) and the output head (4096→32000) for one input row, through Burn's autotuned product,
 //! this crate's one-row kernel (`fused::row_matmul`) and the 4-bit packed kernel. Prints one JSON line per
-//! measurement: microseconds per call back to back (`us`) and waited for alone (`alone_us`; medians) and,
+//! measurement: microseconds per call back to back (`us`) and waited for alone (`alone_us`; medians), for
+//! launches the CPU time each thread of the process spent per launch (`cpu_us_by_thread`: `DSD-…` is
+//! CubeCL's device thread, which encodes and submits every launch) and,
 //! for products, the device's time (`alone_us` less a one-value addition's round trip) and the weight
 //! bytes read per second in it, which against the GPU's memory bandwidth says how far each is from its
 //! floor.
@@ -20,6 +22,7 @@
 //! caller spins while it is full, which on 2 cores slows lavapipe's kernels. On a GPU machine the
 //! back-to-back figure is the slower of CubeCL's device thread's time per launch and the GPU's per kernel.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use burn::tensor::{DType, Device, Distribution, Tensor};
@@ -83,6 +86,40 @@ fn time_alone(runs: usize, calls: usize, mut f: impl FnMut(usize) -> Tensor<2>) 
     )
 }
 
+/// CPU time of each of this process's threads so far, in nanoseconds, by thread id, with the thread's
+/// name (Linux: `/proc/self/task/*/schedstat`; empty elsewhere).
+fn thread_cpu_ns() -> BTreeMap<u64, (String, u64)> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return BTreeMap::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| {
+            let tid = task.file_name().to_string_lossy().parse().ok()?;
+            let read = |f: &str| std::fs::read_to_string(task.path().join(f)).ok();
+            let ns = read("schedstat")?.split_whitespace().next()?.parse().ok()?;
+            Some((tid, (read("comm")?.trim().to_string(), ns)))
+        })
+        .collect()
+}
+
+/// Microseconds of CPU per call between two [`thread_cpu_ns`] snapshots, summed over threads of one name
+/// (digits left out, so numbered worker threads count together).
+fn cpu_us_per_call(
+    before: &BTreeMap<u64, (String, u64)>,
+    after: &BTreeMap<u64, (String, u64)>,
+    calls: usize,
+) -> BTreeMap<String, f64> {
+    let mut by_name = BTreeMap::new();
+    for (tid, (name, ns)) in after {
+        let spent = ns - before.get(tid).map_or(0, |b| b.1.min(*ns));
+        let name: String = name.chars().filter(|c| !c.is_ascii_digit()).collect();
+        *by_name.entry(name).or_insert(0.0) += spent as f64 / 1e3 / calls.max(1) as f64;
+    }
+    by_name.retain(|_, us| *us >= 0.05);
+    by_name
+}
+
 fn main() {
     let (mut runs, mut scale, mut calls) = (5usize, 1usize, CALLS);
     let (mut device_name, mut dtype_name) = ("wgpu".to_string(), "f16".to_string());
@@ -111,14 +148,19 @@ fn main() {
     let bytes_per = if dtype == DType::F16 { 2 } else { 4 };
     let adapter = llava_med::device::gpu_adapter();
 
-    // Launch cost: a chain of additions on a one-value tensor, each its own kernel.
+    // Launch cost: a chain of additions on a one-value tensor, each its own kernel; and the CPU time each
+    // of this process's threads spent per launch meanwhile (CubeCL's device thread, the caller, a
+    // driver's own threads), which says whether back-to-back launches are bound by the host.
     let one = Tensor::<2>::zeros([1, 1], &device).cast(dtype);
+    let before = thread_cpu_ns();
     let launch_us = time(runs, calls, |_| one.clone() + 1.0);
+    let cpu_us = cpu_us_per_call(&before, &thread_cpu_ns(), (runs + 1) * calls);
     let round_trip_us = time_alone(runs, calls, |_| one.clone() + 1.0);
     println!(
         "{}",
         serde_json::json!({"op": "launch (add on 1 value)", "us": launch_us,
-                           "alone_us": round_trip_us, "device": device_name, "adapter": adapter})
+                           "alone_us": round_trip_us, "cpu_us_by_thread": cpu_us,
+                           "device": device_name, "adapter": adapter})
     );
 
     // The dense products first, all of them, then the 4-bit ones: quantising on the host is the slow part,
