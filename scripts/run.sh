@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The main job, on a fresh Debian/Ubuntu machine: builds `llava-med` and answers a question about the
-# bundled sample image. Uses the real model when LLAVA_MED_MODEL (or ~/.cache/llava-med/models/
-# llava-med-v1.5-mistral-7b) holds one; otherwise the tiny random-weight test model, whose answer is
-# meaningless but exercises the whole pipeline.
+# The main job, on a fresh Debian/Ubuntu machine: builds `llava-med` optimised (the debug build the tests use
+# runs the model about half as fast) and answers a question about the bundled sample image. Uses the real
+# model when LLAVA_MED_MODEL (or ~/.cache/llava-med/models/llava-med-v1.5-mistral-7b) holds one; otherwise
+# the tiny random-weight test model, whose answer is meaningless but exercises the whole pipeline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/llava-med-target}"
@@ -17,5 +17,5 @@ if [ ! -f "$model/config.json" ]; then
 fi
 image="${1:-assets/samples/phantom-ct.png}"
 question="${2:-What does this image show?}"
-cargo run -q -p llava-med --features wgpu --bin llava-med -- generate --model "$model" --image "$image" --prompt "$question" \
+cargo run -q --release -p llava-med --features wgpu --bin llava-med -- generate --model "$model" --image "$image" --prompt "$question" \
   --device "${LLAVA_MED_DEVICE:-auto}" --max-new-tokens "${LLAVA_MED_MAX_NEW_TOKENS:-128}"
