@@ -3,6 +3,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::{Tensor, module::linear};
 
+use crate::fused::activation::silu_mul;
 use crate::fused::extension;
 use crate::fused::row_matmul::{self, ROW_MATMUL_MAX_ROWS};
 use crate::quant::QuantizedMatrix;
@@ -40,6 +41,34 @@ impl Linear {
         }
     }
 
+    /// `silu(gate) · up` of this layer's output `[.., 2 · inner]`, whose halves are SwiGLU's gate and up
+    /// projections side by side: `[.., inner]`. Decoding on a GPU takes the activation in the one-row
+    /// product's last launch rather than a launch of its own.
+    pub fn forward_silu_mul<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        if self.bias.is_none()
+            && let Some((flat, w)) = self.row_operands(&x)
+        {
+            let mut dims = x.dims();
+            dims[D - 1] = w.dims()[1] / 2;
+            return extension::row_matmul_silu(flat, w).reshape(dims);
+        }
+        silu_mul(self.forward(x))
+    }
+
+    /// `x` as `[rows, in]` and the float weight, when the one-row product kernel takes them.
+    fn row_operands<const D: usize>(&self, x: &Tensor<D>) -> Option<(Tensor<2>, Tensor<2>)> {
+        let LinearWeight::Float(w) = &self.weight else {
+            return None;
+        };
+        let dims = x.dims();
+        let rows: usize = dims[..D - 1].iter().product();
+        let w = w.val();
+        (rows <= ROW_MATMUL_MAX_ROWS)
+            .then(|| x.clone().reshape([rows, w.dims()[0]]))
+            .filter(|flat| row_matmul::takes_kernel(flat, &w))
+            .map(|flat| (flat, w))
+    }
+
     /// `[.., in]` → `[.., out]`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let bias = self.bias.as_ref().map(Param::val);
@@ -47,16 +76,11 @@ impl Linear {
         let rows: usize = dims[..D - 1].iter().product();
         let y = match &self.weight {
             LinearWeight::Float(w) => {
-                let w = w.val();
-                let [k, n] = w.dims();
                 // Decoding on a GPU may take the one-row product kernel (`fused::row_matmul`).
-                let flat = (rows <= ROW_MATMUL_MAX_ROWS)
-                    .then(|| x.clone().reshape([rows, k]))
-                    .filter(|flat| row_matmul::takes_kernel(flat, &w));
-                let Some(flat) = flat else {
-                    return linear(x, w, bias);
+                let Some((flat, w)) = self.row_operands(&x) else {
+                    return linear(x, w.val(), bias);
                 };
-                dims[D - 1] = n;
+                dims[D - 1] = w.dims()[1];
                 extension::row_matmul(flat, w).reshape(dims)
             }
             LinearWeight::Quantized(q) => {

@@ -117,11 +117,14 @@ fn row_matmul_kernel<F: Float>(
     }
 }
 
-/// `out[r, j] = Σ_c partial[c, r, j]` in the output's type, one unit per output value.
+/// `out[r, j] = Σ_c partial[c, r, j]` in the output's type, one unit per output value; with `silu`,
+/// `out[r, j] = silu(g) · u` of the sums `g` of column `j` and `u` of column `inner + j` (SwiGLU's gate and
+/// up side by side), which saves the activation its own launch.
 #[cube(launch_unchecked)]
 fn row_matmul_sum_kernel<F: Float>(
     partial: &Tensor<f32>,
     out: &mut Tensor<F>,
+    #[comptime] silu: bool,
     #[define(F)] _dtype: ElemType,
 ) {
     let id = ABSOLUTE_POS;
@@ -129,14 +132,29 @@ fn row_matmul_sum_kernel<F: Float>(
     if id >= len {
         terminate!();
     }
-    let chunks = partial.len() / len;
-    let mut s = 0.0f32;
-    let mut c = 0usize;
-    while c < chunks {
-        s += partial[c * len + id];
-        c += 1;
+    let (chunks, m, n) = (partial.shape(0), partial.shape(1), partial.shape(2));
+    if comptime!(silu) {
+        let inner = out.shape(1);
+        let (r, j) = (id / inner, id % inner);
+        let mut g = 0.0f32;
+        let mut u = 0.0f32;
+        let mut c = 0usize;
+        while c < chunks {
+            let row = (c * m + r) * n;
+            g += partial[row + j];
+            u += partial[row + inner + j];
+            c += 1;
+        }
+        out[id] = F::cast_from(g / (1.0 + (-g).exp()) * u);
+    } else {
+        let mut s = 0.0f32;
+        let mut c = 0usize;
+        while c < chunks {
+            s += partial[c * len + id];
+            c += 1;
+        }
+        out[id] = F::cast_from(s);
     }
-    out[id] = F::cast_from(s);
 }
 
 /// `out[r, i] = silu(h[r, i]) · h[r, inner + i]`, one unit per output value.
@@ -504,63 +522,85 @@ unsafe fn launch_decode_attention(
     out
 }
 
+/// `x` `[m, k]` times `w` `[k, n]` for a few rows: the chunks' partial sums ([`row_matmul_kernel`]), then
+/// their sum ([`row_matmul_sum_kernel`]): `[m, n]`, or with `silu` `[m, n / 2]` (SwiGLU's activation of the
+/// two halves).
+fn row_product(
+    x: FloatTensor<CubeBackend>,
+    w: FloatTensor<CubeBackend>,
+    silu: bool,
+) -> FloatTensor<CubeBackend> {
+    // A no-op for the contiguous inputs decoding passes (weights are stored `[in, out]` contiguous).
+    let (x, w) = (into_contiguous(x), into_contiguous(w));
+    let (xd, wd) = (x.meta.shape().to_vec(), w.meta.shape().to_vec());
+    let (m, k, n) = (xd[0], xd[1], wd[1]);
+    assert_eq!(wd[0], k, "row_matmul: x {xd:?} and w {wd:?} do not chain");
+    assert!(
+        !silu || n.is_multiple_of(2),
+        "row_matmul_silu: w {wd:?} is not gate and up side by side"
+    );
+    let dtype = x.dtype;
+    let out = empty_like(&x, Shape::new([m, if silu { n / 2 } else { n }]));
+    if m == 0 || n == 0 {
+        return out;
+    }
+    // Column tiles × input chunks ≈ ROW_TARGET_CUBES per row, each unit still taking at least
+    // ROW_MIN_STEPS inputs; the chunk is a multiple of the cube's input slices.
+    let tiles = n.div_ceil((ROW_X * ROW_COLS) as usize);
+    let most_chunks = k.div_ceil(ROW_Y as usize * ROW_MIN_STEPS).max(1);
+    let wanted = ROW_TARGET_CUBES.div_ceil(tiles).clamp(1, most_chunks);
+    let chunk = k
+        .div_ceil(wanted)
+        .next_multiple_of(ROW_Y as usize)
+        .max(ROW_Y as usize);
+    let chunks = k.div_ceil(chunk).max(1);
+    let partial = empty_device_dtype(
+        x.client.clone(),
+        x.device.clone(),
+        Shape::new([chunks, m, n]),
+        DType::F32,
+    );
+    // SAFETY: `x` `[m, k]` and `w` `[k, n]` are contiguous (checked to chain); cube (tile, r, c)
+    // reads rows `r < m` of `x`, inputs below `k` and columns below `n` (checked per tile), and each
+    // unit of the first ROW_COLS slices writes its own column of `partial` `[chunks, m, n]` once.
+    unsafe {
+        row_matmul_kernel::launch_unchecked(
+            &out.client,
+            CubeCount::Static(tiles as u32, m as u32, chunks as u32),
+            CubeDim::new_2d(ROW_X, ROW_Y),
+            x.into_tensor_arg(),
+            w.into_tensor_arg(),
+            partial.clone().into_tensor_arg(),
+            chunk,
+            dtype_to_storage_type(dtype),
+        );
+    }
+    let units = out.meta.shape().num_elements();
+    let (count, cube_dim) = per_value(&out, units);
+    // SAFETY: `partial` `[chunks, m, n]` holds `chunks` blocks of the product's `m · n` values (with
+    // `silu`, the output's `m · n / 2` units read columns `j` and `n / 2 + j < n` of them); units past the
+    // output stop first, and each writes only its own value.
+    unsafe {
+        row_matmul_sum_kernel::launch_unchecked(
+            &out.client,
+            count,
+            cube_dim,
+            partial.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            silu,
+            dtype_to_storage_type(dtype),
+        );
+    }
+    out
+}
+
 impl FusedOps for CubeBackend {
     fn row_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
-        // A no-op for the contiguous inputs decoding passes (weights are stored `[in, out]` contiguous).
-        let (x, w) = (into_contiguous(x), into_contiguous(w));
-        let (xd, wd) = (x.meta.shape().to_vec(), w.meta.shape().to_vec());
-        let (m, k, n) = (xd[0], xd[1], wd[1]);
-        assert_eq!(wd[0], k, "row_matmul: x {xd:?} and w {wd:?} do not chain");
-        let dtype = x.dtype;
-        let out = empty_like(&x, Shape::new([m, n]));
-        if m == 0 || n == 0 {
-            return out;
-        }
-        // Column tiles × input chunks ≈ ROW_TARGET_CUBES per row, each unit still taking at least
-        // ROW_MIN_STEPS inputs; the chunk is a multiple of the cube's input slices.
-        let tiles = n.div_ceil((ROW_X * ROW_COLS) as usize);
-        let most_chunks = k.div_ceil(ROW_Y as usize * ROW_MIN_STEPS).max(1);
-        let wanted = ROW_TARGET_CUBES.div_ceil(tiles).clamp(1, most_chunks);
-        let chunk = k
-            .div_ceil(wanted)
-            .next_multiple_of(ROW_Y as usize)
-            .max(ROW_Y as usize);
-        let chunks = k.div_ceil(chunk).max(1);
-        let partial = empty_device_dtype(
-            x.client.clone(),
-            x.device.clone(),
-            Shape::new([chunks, m, n]),
-            DType::F32,
-        );
-        // SAFETY: `x` `[m, k]` and `w` `[k, n]` are contiguous (checked to chain); cube (tile, r, c)
-        // reads rows `r < m` of `x`, inputs below `k` and columns below `n` (checked per tile), and each
-        // unit of the first ROW_COLS slices writes its own column of `partial` `[chunks, m, n]` once.
-        unsafe {
-            row_matmul_kernel::launch_unchecked(
-                &out.client,
-                CubeCount::Static(tiles as u32, m as u32, chunks as u32),
-                CubeDim::new_2d(ROW_X, ROW_Y),
-                x.into_tensor_arg(),
-                w.into_tensor_arg(),
-                partial.clone().into_tensor_arg(),
-                chunk,
-                dtype_to_storage_type(dtype),
-            );
-        }
-        let (count, cube_dim) = per_value(&out, m * n);
-        // SAFETY: `partial` holds `chunks` blocks of the output's `m · n` values; units past the output
-        // stop first, and each writes only its own value.
-        unsafe {
-            row_matmul_sum_kernel::launch_unchecked(
-                &out.client,
-                count,
-                cube_dim,
-                partial.into_tensor_arg(),
-                out.clone().into_tensor_arg(),
-                dtype_to_storage_type(dtype),
-            );
-        }
-        out
+        row_product(x, w, false)
+    }
+
+    fn row_matmul_silu(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        row_product(x, w, true)
     }
 
     fn silu_mul(gate_up: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -781,6 +821,7 @@ mod tests {
             attention::tests::check_against_reference(&gpu, dtype, tol);
             attention::tests::check_step_against_reference(&gpu, dtype, tol);
             row_matmul::tests::check_against_reference(&gpu, dtype, tol);
+            row_matmul::tests::check_silu_against_reference(&gpu, dtype, tol);
         }
     }
 }

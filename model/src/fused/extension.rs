@@ -55,6 +55,14 @@ pub trait FusedOps: burn::backend::Backend {
     #[fusion(dtype = x, shape = row_product_shape(x, w))]
     fn row_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
 
+    /// `silu(gate) · up` of `x` `[m, k]` times `w` `[k, 2 · inner]` (the gate and up projections side by
+    /// side, SwiGLU): `[m, inner]`, in `x`'s type. By default [`FusedOps::row_matmul`] then
+    /// [`FusedOps::silu_mul`]; on CubeCL runtimes the activation is taken in the product's summing launch.
+    #[fusion(default)]
+    fn row_matmul_silu(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::silu_mul(Self::row_matmul(x, w))
+    }
+
     /// Attention of one position `q` `[b, heads, 1, d]` over the first `len` positions of the caches `k`,
     /// `v` `[b, kv_heads, capacity, d]`: `[b, 1, heads · d]`.
     #[fusion(dtype = q, shape = decode_shape(q))]
@@ -246,6 +254,14 @@ pub fn decode_step(
 /// [`FusedOps::row_matmul`] on tensors.
 pub fn row_matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::row_matmul(
+        x.into_dispatch(),
+        w.into_dispatch(),
+    ))
+}
+
+/// [`FusedOps::row_matmul_silu`] on tensors.
+pub fn row_matmul_silu(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::row_matmul_silu(
         x.into_dispatch(),
         w.into_dispatch(),
     ))

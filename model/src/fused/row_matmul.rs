@@ -7,7 +7,8 @@
 //! product, for comparison); longer inputs and other backends take Burn's product. It splits the inputs
 //! into chunks so that even a 4096-wide product spreads over ~1,000 cubes (a tiled kernel of one row
 //! gives a large GPU a few dozen warps), a warp's 32 units read 32 neighbouring weights of one input row
-//! at a time, and the chunks' partial sums are added by a second small kernel. On lavapipe it is 10–40×
+//! at a time, and the chunks' partial sums are added by a second small kernel (which for the MLP's gate/up
+//! product also takes SwiGLU's activation, `Linear::forward_silu_mul`, saving it a launch). On lavapipe it is 10–40×
 //! slower than Burn's product (`examples/gpu_ops.rs`), which says nothing about a GPU: the CPU runs a
 //! cube's 256 units as a loop, and no one decodes on lavapipe (`--device auto` skips it).
 
@@ -120,6 +121,32 @@ pub(crate) mod tests {
                 assert_eq!(
                     routed, got,
                     "{m}×{k}·{k}×{n} {dtype:?}: row_matmul ≠ the kernel"
+                );
+            }
+        }
+    }
+
+    /// The kernel with SwiGLU's activation in its summing launch against `silu(gate) · up` of an f64
+    /// product on the host (one and several chunks, a partial column tile, several rows).
+    pub fn check_silu_against_reference(device: &Device, dtype: DType, tol: f32) {
+        for (m, k, inner) in [(1, 64, 48), (3, 1037, 130), (2, 4096, 256)] {
+            let n = 2 * inner;
+            let (x, w) = (values(m * k, m + k), values(k * n, n + 1));
+            let xt = Tensor::<2>::from_data(TensorData::new(x, [m, k]), device).cast(dtype);
+            // Scaled so the gate's sums cover the sigmoid's range without saturating it everywhere.
+            let wt = Tensor::<2>::from_data(TensorData::new(w, [k, n]), device).cast(dtype)
+                / (k as f32).sqrt();
+            let (xh, wh) = (host(xt.clone()), host(wt.clone()));
+            let got = host(super::extension::row_matmul_silu(xt, wt));
+            let h = reference_product(&xh, m, k, n, |i, j| wh[i * n + j]);
+            assert_eq!(got.len(), m * inner);
+            for (i, a) in got.iter().enumerate() {
+                let (r, j) = (i / inner, i % inner);
+                let (g, u) = (h[r * n + j] as f64, h[r * n + inner + j] as f64);
+                let b = (g / (1.0 + (-g).exp()) * u) as f32;
+                assert!(
+                    (a - b).abs() <= tol * 8.0 * b.abs().max(1.0),
+                    "{m}×{k}·{k}×{n} {dtype:?} [{i}]: {a} vs {b}"
                 );
             }
         }

@@ -3,8 +3,6 @@
 use burn::module::Module;
 use burn::tensor::Tensor;
 
-use crate::fused::activation::silu_mul;
-
 use crate::error::Result;
 use crate::linear::Linear;
 use crate::weights::WeightLoader;
@@ -30,6 +28,6 @@ impl SwiGlu {
     /// `[.., d]` → `[.., d]`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         self.down_proj
-            .forward(silu_mul(self.gate_up_proj.forward(x)))
+            .forward(self.gate_up_proj.forward_silu_mul(x))
     }
 }
