@@ -1,6 +1,6 @@
 //! Attention of many positions at once: a prompt over itself and whatever the KV cache holds before it
 //! (causal), or an image's patches over each other (the vision tower). On the CPU backend this is our own
-//! kernel ([`super::cpu::prompt_attention`]): Burn's CPU attention computes every score of a causal prompt,
+//! kernel (`fused/cpu/prompt_attention.rs`): Burn's CPU attention computes every score of a causal prompt,
 //! masked or not, and takes `exp` one library call at a time, which made attention a fifth of a 512-token
 //! prefill (BENCHMARKS.md); the kernel skips the masked blocks, takes `exp` in vector lanes and writes the
 //! heads side by side as the output projection reads them. Everywhere else (GPU, autodiff, 16-bit CPU
