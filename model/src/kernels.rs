@@ -89,6 +89,20 @@ pub(crate) mod host {
     use burn::backend::Flex;
     use burn::backend::tensor::FloatTensor;
 
+    /// An output buffer shared by parallel tasks, each of which writes only its own part of it (every use
+    /// says why the parts are disjoint).
+    pub struct SharedOut(pub *mut f32);
+
+    // SAFETY: the tasks holding it write disjoint values (see each use), and the buffer outlives them.
+    unsafe impl Sync for SharedOut {}
+
+    impl SharedOut {
+        /// The address of value `i` of the buffer.
+        pub fn at(&self, i: usize) -> *mut f32 {
+            self.0.wrapping_add(i)
+        }
+    }
+
     /// A tensor's values in row-major order, borrowed when they already are.
     pub fn values<E: burn::tensor::Element + bytemuck::Pod>(t: &FloatTensor<Flex>) -> Cow<'_, [E]> {
         match t.layout().contiguous_offsets() {

@@ -8,7 +8,7 @@
 
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{Bool, DType, Tensor};
 
 use crate::kernels;
 
@@ -68,11 +68,31 @@ pub fn prompt_attention(
         ));
     }
     let _ = on_cpu_kernel;
-    burn_attention(q, k, v, causal, scale)
+    burn_attention(q, k, v, None, causal, scale)
 }
 
-/// [`prompt_attention`] through Burn's attention, each kv head repeated for its query heads.
-fn burn_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool, scale: f32) -> Tensor<3> {
+/// [`prompt_attention`] with `mask` `[batch, heads, seq, keys]` (`true`: hidden) instead of a causal
+/// order (Mistral's sliding window), through Burn's attention on every backend.
+pub fn masked_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    mask: Tensor<4, Bool>,
+    scale: f32,
+) -> Tensor<3> {
+    burn_attention(q, k, v, Some(mask), false, scale)
+}
+
+/// [`prompt_attention`] (or [`masked_attention`]) through Burn's attention, each kv head repeated for its
+/// query heads.
+fn burn_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    mask: Option<Tensor<4, Bool>>,
+    causal: bool,
+    scale: f32,
+) -> Tensor<3> {
     let [b, heads, seq, d] = q.dims();
     let repeat = |t: Tensor<4>| {
         let [b, kv_heads, keys, d] = t.dims();
@@ -88,7 +108,7 @@ fn burn_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool, scale:
         q,
         repeat(k),
         repeat(v),
-        None,
+        mask,
         None,
         options(d, causal, scale),
     )
@@ -151,7 +171,7 @@ mod tests {
             let cache = || random([2, kv_heads, keys + 11, 64]).narrow(2, 0, keys);
             let (k, v) = (cache(), cache());
             let got = prompt_attention(q.clone(), k.clone(), v.clone(), causal, scale);
-            let want = burn_attention(q, k, v, causal, scale);
+            let want = burn_attention(q, k, v, None, causal, scale);
             assert_close(
                 &format!("{heads}/{kv_heads} heads, {seq} over {keys}, causal {causal}"),
                 got,
@@ -166,7 +186,7 @@ mod tests {
         assert_close(
             "split heads",
             prompt_attention(q.clone(), k.clone(), v.clone(), false, 0.2),
-            burn_attention(q, k, v, false, 0.2),
+            burn_attention(q, k, v, None, false, 0.2),
             1e-5,
         );
     }

@@ -1,8 +1,6 @@
 //! Grouped-query self-attention with RoPE, the KV cache and an optional sliding window.
 
 use burn::module::Module;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Int, Tensor};
 
 use super::kv_cache::KvCache;
@@ -10,7 +8,7 @@ use super::rope::Rope;
 use crate::config::TextConfig;
 use crate::error::Result;
 use crate::fused::attention::decode_step;
-use crate::fused::prompt_attention::prompt_attention;
+use crate::fused::prompt_attention::{masked_attention, prompt_attention};
 use crate::linear::Linear;
 use crate::weights::WeightLoader;
 
@@ -68,11 +66,11 @@ impl SelfAttention {
         let qkv = self.qkv_proj.forward(x);
         let total = offset + seq;
         let windowed = self.sliding_window.is_some_and(|w| total > w);
+        let scale = (self.head_dim as f32).powf(-0.5);
         if seq == 1 && !windowed {
             // One new position sees every cached key: q and k rotated, the new key and value written into
             // the cache, and softmax(q·kᵀ/√d)·v in one pass over the cache where it lies, the heads side by
             // side as the output projection takes them (`fused::attention`; one launch on a GPU).
-            let scale = (self.head_dim as f32).powf(-0.5);
             let (cos, sin) = rope.tables();
             let heads = self.num_heads;
             let out = cache.write_with(layer, |k, v| {
@@ -94,27 +92,11 @@ impl SelfAttention {
             )
             .unsqueeze::<4>()
             .expand([b, self.num_heads, seq, total]);
-            let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
-            attention(q, k, v, Some(mask), None, AttentionModuleOptions::default())
-                .swap_dims(1, 2)
-                .reshape([b, seq, q_dim])
+            masked_attention(q, k, v, mask, scale)
         } else {
-            let scale = (self.head_dim as f32).powf(-0.5);
             prompt_attention(q, k, v, seq > 1, scale)
         };
         self.o_proj.forward(out)
-    }
-
-    /// Repeats each KV head for its group of query heads.
-    fn repeat_kv(&self, t: Tensor<4>) -> Tensor<4> {
-        let groups = self.num_heads / self.num_kv_heads;
-        if groups == 1 {
-            return t;
-        }
-        let [b, h, s, d] = t.dims();
-        t.unsqueeze_dim::<5>(2)
-            .expand([b, h, groups, s, d])
-            .reshape([b, h * groups, s, d])
     }
 }
 

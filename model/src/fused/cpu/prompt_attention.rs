@@ -10,6 +10,7 @@ use rayon::prelude::*;
 use super::exp;
 use crate::fused::prompt_attention::PromptAttentionOps;
 use crate::kernels::has_avx2;
+use crate::kernels::host::SharedOut;
 
 /// Query rows per task: few enough that a causal prompt's blocks skip most masked keys, enough that each
 /// product is worth gemm's packing.
@@ -94,12 +95,6 @@ impl<'a> Heads<'a> {
         (self.data[at..].as_ptr(), self.strides[2] as isize)
     }
 }
-
-/// The output, shared by tasks that write disjoint (row, head) blocks of it.
-struct SharedOut(*mut f32);
-
-// SAFETY: every task writes only its own block (see `PromptAttentionOps::prompt_attention`).
-unsafe impl Sync for SharedOut {}
 
 /// One call's inputs.
 struct Attention<'a> {

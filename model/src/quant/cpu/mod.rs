@@ -20,7 +20,7 @@ mod x86;
 use super::extension::{FUSED_MAX_ROWS, PackedOps};
 use super::pack::GROUP;
 use crate::kernels::has_avx2;
-use crate::kernels::host::values;
+use crate::kernels::host::{SharedOut, values};
 
 impl PackedOps for Flex {
     fn packed_matmul(
@@ -385,19 +385,6 @@ unsafe fn gemm_f32(
             false,
             gemm::Parallelism::None,
         )
-    }
-}
-
-/// The output of [`Packing::matmul_t_tiles`], shared by tiles that write disjoint columns of it.
-struct SharedOut(*mut f32);
-
-// SAFETY: every tile writes only its own columns (see `matmul_t_tiles`).
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// The address of column `c` of the output's first row.
-    fn at(&self, c: usize) -> *mut f32 {
-        self.0.wrapping_add(c)
     }
 }
 

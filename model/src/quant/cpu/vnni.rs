@@ -21,7 +21,8 @@ use rayon::prelude::*;
 
 use super::super::pack::GROUP;
 use super::x86::scale_min;
-use super::{BLOCK_DEPTH, Packing, SharedOut, block_width};
+use super::{BLOCK_DEPTH, Packing, block_width};
+use crate::kernels::host::SharedOut;
 
 /// Output channels per vector.
 const LANES: usize = 16;
