@@ -170,9 +170,10 @@ fn main() {
             let (k, n) = (k / scale, n / scale);
             let x =
                 Tensor::<2>::random([1, k], Distribution::Normal(0.0, 1.0), &device).cast(dtype);
+            // A row per output, `[n, k]`, as linear layers keep them on CubeCL devices.
             let ws: Vec<Tensor<2>> = (0..COPIES)
                 .map(|_| {
-                    Tensor::<2>::random([k, n], Distribution::Normal(0.0, 0.02), &device)
+                    Tensor::<2>::random([n, k], Distribution::Normal(0.0, 0.02), &device)
                         .cast(dtype)
                 })
                 .collect();
@@ -193,7 +194,7 @@ fn main() {
                 (time(runs, calls, &mut *f), time_alone(runs, calls, f))
             };
             if !int4 {
-                let burn = both(&mut |i| x.clone().matmul(ws[i % COPIES].clone()));
+                let burn = both(&mut |i| x.clone().matmul(ws[i % COPIES].clone().transpose()));
                 report("burn matmul", burn, k * n * bytes_per);
                 let row = both(&mut |i| row_matmul(x.clone(), ws[i % COPIES].clone()));
                 report("row_matmul", row, k * n * bytes_per);
@@ -205,7 +206,6 @@ fn main() {
                 .map(|w| {
                     let host = w
                         .clone()
-                        .transpose()
                         .cast(DType::F32)
                         .into_data()
                         .convert::<f32>()

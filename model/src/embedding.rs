@@ -3,6 +3,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::{DType, Device, Int, Tensor, module::embedding};
 
+use crate::fused::row_matmul;
 use crate::quant::QuantizedMatrix;
 
 /// `[vocab, hidden]` rows looked up by token id.
@@ -32,11 +33,19 @@ impl TokenEmbedding {
         match self {
             // W·hᵀ then transpose the (small) result: transposing the [vocab, hidden] table instead would
             // materialise a copy of it on every call.
-            TokenEmbedding::Float(w) => w
-                .val()
-                .unsqueeze::<3>()
-                .matmul(h.swap_dims(1, 2))
-                .swap_dims(1, 2),
+            TokenEmbedding::Float(w) => {
+                let [b, s, d] = h.dims();
+                let (flat, table) = (h.clone().reshape([b * s, d]), w.val());
+                // Decoding on a GPU: the table is already a row per output, as the one-row kernel reads.
+                if row_matmul::takes_kernel(&flat, &table) {
+                    let vocab = table.dims()[0];
+                    return row_matmul::row_matmul(flat, table).reshape([b, s, vocab]);
+                }
+                table
+                    .unsqueeze::<3>()
+                    .matmul(h.swap_dims(1, 2))
+                    .swap_dims(1, 2)
+            }
             TokenEmbedding::Quantized(q) => {
                 let [b, s, d] = h.dims();
                 q.matmul_t(h.reshape([b * s, d]))
@@ -58,6 +67,51 @@ impl TokenEmbedding {
         match self {
             TokenEmbedding::Float(w) => w.val().device(),
             TokenEmbedding::Quantized(q) => q.device(),
+        }
+    }
+}
+
+#[cfg(all(test, feature = "wgpu"))]
+mod tests {
+    use burn::tensor::{DeviceKind, TensorData};
+
+    use super::*;
+    use crate::fused::test_support::{assert_close, values};
+
+    /// The tied head on a GPU: a decoding step's row through the one-row kernel, a prompt's rows through
+    /// Burn's product, both against sums taken on the host.
+    #[test]
+    fn the_tied_head_projects_on_wgpu() {
+        let gpu = Device::wgpu(DeviceKind::DefaultDevice);
+        let (vocab, d) = (300, 96);
+        let table: Vec<f32> = values(vocab * d).iter().map(|v| v / 50.0).collect();
+        let head = TokenEmbedding::Float(Param::from_tensor(Tensor::from_data(
+            TensorData::new(table.clone(), [vocab, d]),
+            &gpu,
+        )));
+        for seq in [1, 12] {
+            let h = values(seq * d + 7)[7..].to_vec();
+            let flat = Tensor::<2>::from_data(TensorData::new(h.clone(), [seq, d]), &gpu);
+            let kernel = row_matmul::takes_kernel(&flat, &head_table(&head));
+            assert_eq!(kernel, seq == 1 && row_matmul::enabled(), "{seq} rows");
+            let want: Vec<f32> = (0..seq * vocab)
+                .map(|at| {
+                    let (s, v) = (at / vocab, at % vocab);
+                    (0..d)
+                        .map(|i| f64::from(h[s * d + i]) * f64::from(table[v * d + i]))
+                        .sum::<f64>() as f32
+                })
+                .collect();
+            let want = Tensor::<3>::from_data(TensorData::new(want, [1, seq, vocab]), &gpu);
+            let got = head.project(flat.reshape([1, seq, d]));
+            assert_close(&format!("tied head, {seq} rows"), got, want, 1e-5);
+        }
+    }
+
+    fn head_table(head: &TokenEmbedding) -> Tensor<2> {
+        match head {
+            TokenEmbedding::Float(w) => w.val(),
+            TokenEmbedding::Quantized(_) => unreachable!("a float table"),
         }
     }
 }

@@ -6,13 +6,18 @@ use burn::tensor::{Tensor, module::linear};
 use crate::fused::activation::silu_mul;
 use crate::fused::extension;
 use crate::fused::row_matmul::{self, ROW_MATMUL_MAX_ROWS};
+use crate::norm::RmsNorm;
 use crate::quant::QuantizedMatrix;
 
 /// Where a linear layer's weight lives.
 #[derive(Module, Debug)]
 pub enum LinearWeight {
-    /// `[in, out]` in the float type.
+    /// `[in, out]` in the float type: Burn's product takes it as it is (the CPU's layout).
     Float(Param<Tensor<2>>),
+    /// `[out, in]` in the float type (PyTorch's layout), on CubeCL devices: decoding's one-row kernel
+    /// reads a weight row per output ([`row_matmul`]); longer inputs take Burn's product over the
+    /// transposed view.
+    FloatRows(Param<Tensor<2>>),
     /// `[out, in]` packed (PyTorch's layout: groups run along the inputs each output sums over).
     Quantized(QuantizedMatrix),
 }
@@ -33,6 +38,14 @@ impl Linear {
         }
     }
 
+    /// A layer with a float weight stored a row per output, `[out, in]` (for CubeCL devices).
+    pub fn float_rows(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
+        Self {
+            weight: LinearWeight::FloatRows(Param::from_tensor(weight)),
+            bias: bias.map(Param::from_tensor),
+        }
+    }
+
     /// A layer with a quantised weight (`[out, in]`).
     pub fn quantized(weight: QuantizedMatrix, bias: Option<Tensor<1>>) -> Self {
         Self {
@@ -41,56 +54,96 @@ impl Linear {
         }
     }
 
-    /// `silu(gate) · up` of this layer's output `[.., 2 · inner]`, whose halves are SwiGLU's gate and up
-    /// projections side by side: `[.., inner]`. Decoding on a GPU takes the activation in the one-row
-    /// product's last launch rather than a launch of its own.
-    pub fn forward_silu_mul<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        if self.bias.is_none()
-            && let Some((flat, w)) = self.row_operands(&x)
-        {
-            let mut dims = x.dims();
-            dims[D - 1] = w.dims()[1] / 2;
-            return extension::row_matmul_silu(flat, w).reshape(dims);
-        }
-        silu_mul(self.forward(x))
-    }
-
-    /// `x` as `[rows, in]` and the float weight, when the one-row product kernel takes them.
-    fn row_operands<const D: usize>(&self, x: &Tensor<D>) -> Option<(Tensor<2>, Tensor<2>)> {
-        let LinearWeight::Float(w) = &self.weight else {
-            return None;
-        };
-        let dims = x.dims();
-        let rows: usize = dims[..D - 1].iter().product();
-        let w = w.val();
-        (rows <= ROW_MATMUL_MAX_ROWS)
-            .then(|| x.clone().reshape([rows, w.dims()[0]]))
-            .filter(|flat| row_matmul::takes_kernel(flat, &w))
-            .map(|flat| (flat, w))
-    }
-
     /// `[.., in]` → `[.., out]`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let bias = self.bias.as_ref().map(Param::val);
         let mut dims = x.dims();
         let rows: usize = dims[..D - 1].iter().product();
         let y = match &self.weight {
-            LinearWeight::Float(w) => {
-                // Decoding on a GPU may take the one-row product kernel (`fused::row_matmul`).
+            LinearWeight::Float(w) => return linear(x, w.val(), bias),
+            LinearWeight::FloatRows(w) => {
+                // Decoding on a GPU takes the one-row product kernel (`fused::row_matmul`).
                 let Some((flat, w)) = self.row_operands(&x) else {
-                    return linear(x, w.val(), bias);
+                    return linear(x, w.val().transpose(), bias);
                 };
-                dims[D - 1] = w.dims()[1];
-                extension::row_matmul(flat, w).reshape(dims)
+                dims[D - 1] = w.dims()[0];
+                extension::row_matmul(flat, w)
             }
             LinearWeight::Quantized(q) => {
                 dims[D - 1] = q.dims()[0];
-                q.matmul_t(x.reshape([rows, q.dims()[1]])).reshape(dims)
+                q.matmul_t(x.reshape([rows, q.dims()[1]]))
             }
         };
+        let y = y.reshape(dims);
         match bias {
             Some(b) => y + b.unsqueeze(),
             None => y,
         }
+    }
+
+    /// The layer of `norm(x)`: on the one-row kernel's path the normalisation is taken in the product's
+    /// launch rather than one of its own.
+    pub fn forward_normed<const D: usize>(&self, x: Tensor<D>, norm: &RmsNorm) -> Tensor<D> {
+        match self.fused_operands(&x) {
+            Some((flat, w)) => {
+                let mut dims = x.dims();
+                dims[D - 1] = w.dims()[0];
+                let (gamma, eps) = (norm.weight.val(), norm.eps as f32);
+                extension::norm_row_matmul(flat, gamma, w, eps, false).reshape(dims)
+            }
+            None => self.forward(norm.forward(x)),
+        }
+    }
+
+    /// SwiGLU's `silu(gate) · up` of the layer of `norm(x)`, whose outputs `[.., 2 · inner]` are the gate
+    /// and up projections side by side: `[.., inner]`. On the one-row kernel's path, one launch.
+    pub fn forward_normed_silu<const D: usize>(&self, x: Tensor<D>, norm: &RmsNorm) -> Tensor<D> {
+        match self.fused_operands(&x) {
+            Some((flat, w)) => {
+                let mut dims = x.dims();
+                dims[D - 1] = w.dims()[0] / 2;
+                let (gamma, eps) = (norm.weight.val(), norm.eps as f32);
+                extension::norm_row_matmul(flat, gamma, w, eps, true).reshape(dims)
+            }
+            None => silu_mul(self.forward(norm.forward(x))),
+        }
+    }
+
+    /// `residual + ` the layer of `x` (the residual stream after a sublayer's output projection). On the
+    /// one-row kernel's path the addition is taken in the product's launch.
+    pub fn forward_residual<const D: usize>(&self, residual: Tensor<D>, x: Tensor<D>) -> Tensor<D> {
+        match self.fused_operands(&x) {
+            Some((flat, w)) if residual.dims()[D - 1] == w.dims()[0] => {
+                let dims = residual.dims();
+                let flat_residual = residual.reshape([flat.dims()[0], w.dims()[0]]);
+                extension::row_matmul_add(flat, w, flat_residual).reshape(dims)
+            }
+            _ => residual + self.forward(x),
+        }
+    }
+
+    /// Whether this layer's product of `x` takes the one-row kernel, where the fused steps
+    /// ([`Self::forward_normed`], [`Self::forward_normed_silu`], [`Self::forward_residual`]) come along.
+    pub fn takes_row_kernel<const D: usize>(&self, x: &Tensor<D>) -> bool {
+        self.fused_operands(x).is_some()
+    }
+
+    /// [`Self::row_operands`] for the fused steps, which have no bias term.
+    fn fused_operands<const D: usize>(&self, x: &Tensor<D>) -> Option<(Tensor<2>, Tensor<2>)> {
+        self.bias.is_none().then(|| self.row_operands(x)).flatten()
+    }
+
+    /// `x` as `[rows, in]` and the `[out, in]` weight, when the one-row product kernel takes them.
+    fn row_operands<const D: usize>(&self, x: &Tensor<D>) -> Option<(Tensor<2>, Tensor<2>)> {
+        let LinearWeight::FloatRows(w) = &self.weight else {
+            return None;
+        };
+        let dims = x.dims();
+        let rows: usize = dims[..D - 1].iter().product();
+        let w = w.val();
+        (rows <= ROW_MATMUL_MAX_ROWS)
+            .then(|| x.clone().reshape([rows, w.dims()[1]]))
+            .filter(|flat| row_matmul::takes_kernel(flat, &w))
+            .map(|flat| (flat, w))
     }
 }

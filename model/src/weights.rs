@@ -377,6 +377,9 @@ impl WeightLoader<'_> {
                     let rows = self.host_tensor(&name, [total, d_in])?;
                     Linear::quantized(self.quantized(&rows, total, d_in, bits), bias)
                 }
+                None if self.rows_layout() => {
+                    Linear::float_rows(self.made_up(&name, [total, d_in]), bias)
+                }
                 None => Linear::float(self.made_up(&name, [d_in, total]), bias),
             });
         };
@@ -396,11 +399,21 @@ impl WeightLoader<'_> {
         let bias = bias.then(|| self.upload(biases, vec![total]));
         Ok(match bits {
             Some(bits) => Linear::quantized(self.quantized(&rows, total, d_in, bits), bias),
+            None if self.rows_layout() => {
+                Linear::float_rows(self.upload(rows, vec![total, d_in]), bias)
+            }
             None => Linear::float(
                 self.upload(transpose(&rows, total, d_in), vec![d_in, total]),
                 bias,
             ),
         })
+    }
+
+    /// Whether float linear weights are kept a row per output, `[out, in]`, as the one-row product kernel
+    /// of decoding reads them ([`crate::fused::row_matmul`]): on CubeCL devices. The CPU keeps `[in, out]`,
+    /// the layout its product is fastest with.
+    fn rows_layout(&self) -> bool {
+        crate::kernels::on_cube(&self.device)
     }
 
     /// An embedding table `{name}` [n, d], quantised when the loader is set to and `d` allows; `tied`: it

@@ -3,15 +3,14 @@
 
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::tensor::FloatTensor;
-use burn::tensor::{DType, Shape};
+use burn::tensor::Shape;
 use burn_cubecl::CubeBackend;
 use burn_cubecl::cubecl;
 use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
 
 use super::extension::FusedOps;
-use crate::kernels::device::{cubes, empty_like, per_value};
+use crate::kernels::device::{MAX_CUBES_X, cubes, empty_like, per_value};
 
 /// Units per cube of the RMSNorm kernel (one cube per row).
 const NORM_UNITS: u32 = 256;
@@ -21,139 +20,145 @@ const ATTENTION_UNITS: u32 = 256;
 /// Cache positions whose scores a cube holds in shared memory at once (4 KiB).
 const ATTENTION_CHUNK: u32 = 1024;
 
-/// Units along the output columns in the one-row product (one warp's loads: 32 neighbouring columns).
-const ROW_X: u32 = 32;
-/// Units along the inputs in the one-row product (each takes every `ROW_Y`-th input of the cube's chunk).
-const ROW_Y: u32 = 8;
-/// Columns per unit in the one-row product, `ROW_X` apart (a cube covers `ROW_X · ROW_COLS` columns).
-const ROW_COLS: u32 = 4;
-/// Cubes the one-row product aims for per input row: enough loads in flight to keep a large GPU's
-/// memory busy, got by splitting the inputs into chunks when the columns alone give too few cubes.
-const ROW_TARGET_CUBES: usize = 1024;
-/// Fewest inputs per unit in a chunk (below it the partial sums cost more than they spread).
-const ROW_MIN_STEPS: usize = 8;
+/// Units along one weight row in the one-row product: a warp's 32 units read 32 neighbouring weights.
+const ROW_LANES: u32 = 32;
+/// Weight rows (outputs) per cube in the one-row product.
+const ROW_ROWS: u32 = 8;
+// The norm's sum of squares is a `cube_sum` over all of the product's units.
+const _: () = assert!(ROW_LANES * ROW_ROWS == NORM_UNITS);
 
-/// Partial sums of `x[r, :] · w[:, j]` over one chunk of the inputs: cube `(cx, r, c)` covers columns
-/// `cx · 128 ..` and inputs `c · chunk ..`. A warp's 32 units load 32 neighbouring weights of one input
-/// row at a time (one contiguous read), each unit keeps 4 columns' sums, and the cube's 8 slices of
-/// inputs are added in shared memory; `partial[c, r, j]` holds the chunk's sum (added up by
-/// [`row_matmul_sum_kernel`]).
-#[cube(launch_unchecked)]
-fn row_matmul_kernel<F: Float>(
+/// Input `i` of row `base` of `x` as the product takes it: as stored, or with `norm` RMS-normalised by
+/// `inv` and scaled by `gamma`, rounded to the tensors' type first as a separate RMSNorm would store it.
+#[cube]
+fn row_input<F: Float>(
     x: &Tensor<F>,
-    w: &Tensor<F>,
-    partial: &mut Tensor<f32>,
-    chunk: usize,
-    #[define(F)] _dtype: ElemType,
-) {
-    let (m, k, n) = (x.shape(0), x.shape(1), w.shape(1));
-    let r = CUBE_POS_Y as usize;
-    let c = CUBE_POS_Z as usize;
-    let (ux, uy) = (UNIT_POS_X as usize, UNIT_POS_Y as usize);
-    let stride = comptime!(ROW_X) as usize;
-    let col = CUBE_POS_X as usize * comptime!(ROW_X * ROW_COLS) as usize + ux;
-    let (c1, c2, c3) = (col + stride, col + 2 * stride, col + 3 * stride);
-    let stop = c * chunk + chunk;
-    let mut a0 = 0.0f32;
-    let mut a1 = 0.0f32;
-    let mut a2 = 0.0f32;
-    let mut a3 = 0.0f32;
-    let mut i = c * chunk + uy;
-    let ys = comptime!(ROW_Y) as usize;
-    if c3 < n {
-        // The whole tile inside the matrix: no per-load checks, and two input rows per step, so each unit
-        // has eight loads in flight rather than four (a GPU hides memory latency with loads in flight).
-        while i + ys < stop && i + ys < k {
-            let (xv, xw) = (
-                f32::cast_from(x[r * k + i]),
-                f32::cast_from(x[r * k + i + ys]),
-            );
-            let (row, next) = (i * n, (i + ys) * n);
-            let (w0, w1, w2, w3) = (w[row + col], w[row + c1], w[row + c2], w[row + c3]);
-            let (v0, v1, v2, v3) = (w[next + col], w[next + c1], w[next + c2], w[next + c3]);
-            a0 += xv * f32::cast_from(w0) + xw * f32::cast_from(v0);
-            a1 += xv * f32::cast_from(w1) + xw * f32::cast_from(v1);
-            a2 += xv * f32::cast_from(w2) + xw * f32::cast_from(v2);
-            a3 += xv * f32::cast_from(w3) + xw * f32::cast_from(v3);
-            i += 2 * ys;
-        }
-    }
-    // One input row at a time with each column checked: a partial tile's rows, or a full tile's last.
-    while i < stop && i < k {
-        let xv = f32::cast_from(x[r * k + i]);
-        let row = i * n;
-        if col < n {
-            a0 += xv * f32::cast_from(w[row + col]);
-        }
-        if c1 < n {
-            a1 += xv * f32::cast_from(w[row + c1]);
-        }
-        if c2 < n {
-            a2 += xv * f32::cast_from(w[row + c2]);
-        }
-        if c3 < n {
-            a3 += xv * f32::cast_from(w[row + c3]);
-        }
-        i += ys;
-    }
-    // parts[(column slot · ROW_Y + slice) · ROW_X + unit]
-    let mut parts = Shared::<[f32]>::new_slice(comptime!(ROW_X * ROW_Y * ROW_COLS) as usize);
-    parts[uy * stride + ux] = a0;
-    parts[(ys + uy) * stride + ux] = a1;
-    parts[(2 * ys + uy) * stride + ux] = a2;
-    parts[(3 * ys + uy) * stride + ux] = a3;
-    sync_cube();
-    // The first ROW_COLS slices of units each add up one column slot's ROW_Y parts.
-    if uy < comptime!(ROW_COLS) as usize {
-        let mut s = 0.0f32;
-        #[unroll]
-        for y in 0..ROW_Y {
-            s += parts[(uy * ys + y as usize) * stride + ux];
-        }
-        let j = col + uy * stride;
-        if j < n {
-            partial[(c * m + r) * n + j] = s;
-        }
+    gamma: &Tensor<F>,
+    base: usize,
+    i: usize,
+    inv: f32,
+    #[comptime] norm: bool,
+) -> f32 {
+    let v = f32::cast_from(x[base + i]);
+    if comptime!(norm) {
+        f32::cast_from(F::cast_from(v * inv) * gamma[i])
+    } else {
+        v
     }
 }
 
-/// `out[r, j] = Σ_c partial[c, r, j]` in the output's type, one unit per output value; with `silu`,
-/// `out[r, j] = silu(g) · u` of the sums `g` of column `j` and `u` of column `inner + j` (SwiGLU's gate and
-/// up side by side), which saves the activation its own launch.
+/// The sum of `value` over the `ROW_LANES` units of the caller's cube row (`UNIT_POS_Y`), for its first
+/// unit (a tree in shared memory; every unit of the cube must call it).
+#[cube]
+fn lane_sum(value: f32) -> f32 {
+    let lanes = comptime!(ROW_LANES) as usize;
+    let (u, row) = (UNIT_POS_X as usize, UNIT_POS_Y as usize * lanes);
+    let mut parts = Shared::<[f32]>::new_slice(NORM_UNITS as usize);
+    parts[row + u] = value;
+    sync_cube();
+    #[unroll]
+    for step in 1..comptime!(ROW_LANES.trailing_zeros() + 1) {
+        let half = comptime!(ROW_LANES >> step) as usize;
+        if u < half {
+            parts[row + u] += parts[row + u + half];
+        }
+        sync_cube();
+    }
+    parts[row]
+}
+
+/// `out[r, o] = Σ_i x[r, i] · w[o, i]` for a weight stored a row per output (`[n, k]`, PyTorch's layout):
+/// cube `(c, r)` holds `ROW_ROWS` weight rows for input row `r`, whose `ROW_LANES` units each take every
+/// `ROW_LANES`-th input (a warp reads 32 neighbouring weights at a time, four loads in flight) and add
+/// their parts in shared memory. Each output's whole sum is in one cube, so one launch does it; the
+/// neighbouring steps of a decoder layer can come along in the same launch:
+/// - `norm`: `x` is first RMS-normalised (`eps`) and scaled by `gamma` `[k]` (every cube reduces the
+///   row's squares itself: `k` values, against its `8 · k` weights);
+/// - `silu`: `w` is SwiGLU's gate rows then its up rows (`[2 · n, k]`) and `out[r, o] = silu(g) · u` of
+///   rows `o` and `n + o`;
+/// - `add`: `out[r, o] = residual[r, o] + ` the product, in the tensors' type (the residual stream).
+///
+/// `gamma` and `residual` are read only with their flag.
 #[cube(launch_unchecked)]
-fn row_matmul_sum_kernel<F: Float>(
-    partial: &Tensor<f32>,
+#[allow(clippy::too_many_arguments)]
+fn row_matmul_kernel<F: Float>(
+    x: &Tensor<F>,
+    w: &Tensor<F>,
+    gamma: &Tensor<F>,
+    residual: &Tensor<F>,
     out: &mut Tensor<F>,
+    eps: f32,
+    #[comptime] norm: bool,
     #[comptime] silu: bool,
+    #[comptime] add: bool,
     #[define(F)] _dtype: ElemType,
 ) {
-    let id = ABSOLUTE_POS;
-    let len = out.len();
-    if id >= len {
-        terminate!();
+    let (k, n) = (x.shape(1), out.shape(1));
+    let o = (CUBE_POS_Z * CUBE_COUNT_X + CUBE_POS_X) as usize * comptime!(ROW_ROWS) as usize
+        + UNIT_POS_Y as usize;
+    let base = CUBE_POS_Y as usize * k;
+    let lanes = comptime!(ROW_LANES) as usize;
+    let mut inv = 1.0f32;
+    if comptime!(norm) {
+        let units = comptime!(NORM_UNITS) as usize;
+        let mut squares = 0.0f32;
+        let mut i = UNIT_POS as usize;
+        while i < k {
+            let v = f32::cast_from(x[base + i]);
+            squares += v * v;
+            i += units;
+        }
+        inv = 1.0 / (cube_sum(squares) / f32::cast_from(k) + eps).sqrt();
     }
-    let (chunks, m, n) = (partial.shape(0), partial.shape(1), partial.shape(2));
+    let mut acc = 0.0f32;
+    let mut up = 0.0f32;
+    // Not an early exit: every unit must reach the barriers in `lane_sum`.
+    if o < n {
+        let (wa, wb) = (o * k, (n + o) * k);
+        let mut i = UNIT_POS_X as usize;
+        while i + 3 * lanes < k {
+            let (x0, x1) = (
+                row_input(x, gamma, base, i, inv, norm),
+                row_input(x, gamma, base, i + lanes, inv, norm),
+            );
+            let (x2, x3) = (
+                row_input(x, gamma, base, i + 2 * lanes, inv, norm),
+                row_input(x, gamma, base, i + 3 * lanes, inv, norm),
+            );
+            acc += x0 * f32::cast_from(w[wa + i])
+                + x1 * f32::cast_from(w[wa + i + lanes])
+                + x2 * f32::cast_from(w[wa + i + 2 * lanes])
+                + x3 * f32::cast_from(w[wa + i + 3 * lanes]);
+            if comptime!(silu) {
+                up += x0 * f32::cast_from(w[wb + i])
+                    + x1 * f32::cast_from(w[wb + i + lanes])
+                    + x2 * f32::cast_from(w[wb + i + 2 * lanes])
+                    + x3 * f32::cast_from(w[wb + i + 3 * lanes]);
+            }
+            i += 4 * lanes;
+        }
+        while i < k {
+            let xv = row_input(x, gamma, base, i, inv, norm);
+            acc += xv * f32::cast_from(w[wa + i]);
+            if comptime!(silu) {
+                up += xv * f32::cast_from(w[wb + i]);
+            }
+            i += lanes;
+        }
+    }
+    let s = lane_sum(acc);
+    let mut u = 0.0f32;
     if comptime!(silu) {
-        let inner = out.shape(1);
-        let (r, j) = (id / inner, id % inner);
-        let mut g = 0.0f32;
-        let mut u = 0.0f32;
-        let mut c = 0usize;
-        while c < chunks {
-            let row = (c * m + r) * n;
-            g += partial[row + j];
-            u += partial[row + inner + j];
-            c += 1;
+        u = lane_sum(up);
+    }
+    if UNIT_POS_X == 0 && o < n {
+        let at = CUBE_POS_Y as usize * n + o;
+        if comptime!(silu) {
+            out[at] = F::cast_from(s / (1.0 + (-s).exp()) * u);
+        } else if comptime!(add) {
+            out[at] = residual[at] + F::cast_from(s);
+        } else {
+            out[at] = F::cast_from(s);
         }
-        out[id] = F::cast_from(g / (1.0 + (-g).exp()) * u);
-    } else {
-        let mut s = 0.0f32;
-        let mut c = 0usize;
-        while c < chunks {
-            s += partial[c * len + id];
-            c += 1;
-        }
-        out[id] = F::cast_from(s);
     }
 }
 
@@ -186,7 +191,7 @@ fn quick_gelu_kernel<F: Float>(x: &Tensor<F>, out: &mut Tensor<F>, #[define(F)] 
 /// The sum of `value` over the cube's `NORM_UNITS` units, returned to every unit (a tree in shared memory).
 #[cube]
 fn cube_sum(value: f32) -> f32 {
-    let u = UNIT_POS_X as usize;
+    let u = UNIT_POS as usize;
     let mut parts = Shared::<[f32]>::new_slice(NORM_UNITS as usize);
     parts[u] = value;
     sync_cube();
@@ -522,72 +527,83 @@ unsafe fn launch_decode_attention(
     out
 }
 
-/// `x` `[m, k]` times `w` `[k, n]` for a few rows: the chunks' partial sums ([`row_matmul_kernel`]), then
-/// their sum ([`row_matmul_sum_kernel`]): `[m, n]`, or with `silu` `[m, n / 2]` (SwiGLU's activation of the
-/// two halves).
+/// What [`row_matmul_kernel`] does besides the product, in the same launch.
+struct RowExtras {
+    /// RMSNorm of the input first, with this weight `[k]` and epsilon.
+    norm: Option<(FloatTensor<CubeBackend>, f32)>,
+    /// SwiGLU's `silu(gate) · up` of the product's two halves.
+    silu: bool,
+    /// Added to the product (`[m, n]`).
+    residual: Option<FloatTensor<CubeBackend>>,
+}
+
+/// `x` `[m, k]` times the transpose of `w` `[n, k]` for a few rows, with `extras`, in one launch of
+/// [`row_matmul_kernel`]: `[m, n]`, or with `silu` `[m, n / 2]`.
 fn row_product(
     x: FloatTensor<CubeBackend>,
     w: FloatTensor<CubeBackend>,
-    silu: bool,
+    extras: RowExtras,
 ) -> FloatTensor<CubeBackend> {
-    // A no-op for the contiguous inputs decoding passes (weights are stored `[in, out]` contiguous).
+    // A no-op for the contiguous inputs decoding passes (weights are stored `[out, in]` contiguous).
     let (x, w) = (into_contiguous(x), into_contiguous(w));
     let (xd, wd) = (x.meta.shape().to_vec(), w.meta.shape().to_vec());
-    let (m, k, n) = (xd[0], xd[1], wd[1]);
-    assert_eq!(wd[0], k, "row_matmul: x {xd:?} and w {wd:?} do not chain");
-    assert!(
-        !silu || n.is_multiple_of(2),
-        "row_matmul_silu: w {wd:?} is not gate and up side by side"
+    let (m, k) = (xd[0], xd[1]);
+    assert_eq!(
+        wd[1], k,
+        "row_matmul: x {xd:?} and w {wd:?} (one row per output) do not chain"
     );
-    let dtype = x.dtype;
-    let out = empty_like(&x, Shape::new([m, if silu { n / 2 } else { n }]));
+    let silu = extras.silu;
+    assert!(
+        !silu || wd[0].is_multiple_of(2),
+        "row_matmul silu: w {wd:?} is not gate and up rows one after the other"
+    );
+    let n = if silu { wd[0] / 2 } else { wd[0] };
+    let out = empty_like(&x, Shape::new([m, n]));
     if m == 0 || n == 0 {
         return out;
     }
-    // Column tiles × input chunks ≈ ROW_TARGET_CUBES per row, each unit still taking at least
-    // ROW_MIN_STEPS inputs; the chunk is a multiple of the cube's input slices.
-    let tiles = n.div_ceil((ROW_X * ROW_COLS) as usize);
-    let most_chunks = k.div_ceil(ROW_Y as usize * ROW_MIN_STEPS).max(1);
-    let wanted = ROW_TARGET_CUBES.div_ceil(tiles).clamp(1, most_chunks);
-    let chunk = k
-        .div_ceil(wanted)
-        .next_multiple_of(ROW_Y as usize)
-        .max(ROW_Y as usize);
-    let chunks = k.div_ceil(chunk).max(1);
-    let partial = empty_device_dtype(
-        x.client.clone(),
-        x.device.clone(),
-        Shape::new([chunks, m, n]),
-        DType::F32,
-    );
-    // SAFETY: `x` `[m, k]` and `w` `[k, n]` are contiguous (checked to chain); cube (tile, r, c)
-    // reads rows `r < m` of `x`, inputs below `k` and columns below `n` (checked per tile), and each
-    // unit of the first ROW_COLS slices writes its own column of `partial` `[chunks, m, n]` once.
+    let (gamma, eps) = match extras.norm {
+        Some((gamma, eps)) => (Some(into_contiguous(gamma)), eps),
+        None => (None, 0.0),
+    };
+    let residual = extras.residual.map(into_contiguous);
+    if let Some(g) = &gamma {
+        assert_eq!(
+            g.meta.shape().to_vec(),
+            [k],
+            "row_matmul norm: weight is not [{k}]"
+        );
+    }
+    if let Some(r) = &residual {
+        assert_eq!(
+            r.meta.shape().to_vec(),
+            [m, n],
+            "row_matmul add: residual is not [{m}, {n}]"
+        );
+    }
+    let (norm, add) = (gamma.is_some(), residual.is_some());
+    let cubes = n.div_ceil(ROW_ROWS as usize);
+    let cubes_x = cubes.clamp(1, MAX_CUBES_X);
+    let count = CubeCount::Static(cubes_x as u32, m as u32, cubes.div_ceil(cubes_x) as u32);
+    let dtype = x.dtype;
+    // SAFETY: `x` `[m, k]`, `w` `[n or 2n, k]`, `gamma` `[k]` and `residual` `[m, n]` are contiguous
+    // (checked above; without their flag the kernel reads neither, bound to `x`); cube (c, r) reads row
+    // `r < m` of `x` and weight rows below `n` (or `2n` with `silu`), and the first unit of each cube
+    // row writes its one output.
     unsafe {
         row_matmul_kernel::launch_unchecked(
             &out.client,
-            CubeCount::Static(tiles as u32, m as u32, chunks as u32),
-            CubeDim::new_2d(ROW_X, ROW_Y),
-            x.into_tensor_arg(),
-            w.into_tensor_arg(),
-            partial.clone().into_tensor_arg(),
-            chunk,
-            dtype_to_storage_type(dtype),
-        );
-    }
-    let units = out.meta.shape().num_elements();
-    let (count, cube_dim) = per_value(&out, units);
-    // SAFETY: `partial` `[chunks, m, n]` holds `chunks` blocks of the product's `m · n` values (with
-    // `silu`, the output's `m · n / 2` units read columns `j` and `n / 2 + j < n` of them); units past the
-    // output stop first, and each writes only its own value.
-    unsafe {
-        row_matmul_sum_kernel::launch_unchecked(
-            &out.client,
             count,
-            cube_dim,
-            partial.into_tensor_arg(),
+            CubeDim::new_2d(ROW_LANES, ROW_ROWS),
+            x.clone().into_tensor_arg(),
+            w.into_tensor_arg(),
+            gamma.unwrap_or_else(|| x.clone()).into_tensor_arg(),
+            residual.unwrap_or_else(|| x.clone()).into_tensor_arg(),
             out.clone().into_tensor_arg(),
+            eps,
+            norm,
             silu,
+            add,
             dtype_to_storage_type(dtype),
         );
     }
@@ -596,11 +612,40 @@ fn row_product(
 
 impl FusedOps for CubeBackend {
     fn row_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
-        row_product(x, w, false)
+        let extras = RowExtras {
+            norm: None,
+            silu: false,
+            residual: None,
+        };
+        row_product(x, w, extras)
     }
 
-    fn row_matmul_silu(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
-        row_product(x, w, true)
+    fn norm_row_matmul(
+        x: FloatTensor<Self>,
+        norm: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        eps: f32,
+        silu: bool,
+    ) -> FloatTensor<Self> {
+        let extras = RowExtras {
+            norm: Some((norm, eps)),
+            silu,
+            residual: None,
+        };
+        row_product(x, w, extras)
+    }
+
+    fn row_matmul_add(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let extras = RowExtras {
+            norm: None,
+            silu: false,
+            residual: Some(residual),
+        };
+        row_product(x, w, extras)
     }
 
     fn silu_mul(gate_up: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -821,7 +866,8 @@ mod tests {
             attention::tests::check_against_reference(&gpu, dtype, tol);
             attention::tests::check_step_against_reference(&gpu, dtype, tol);
             row_matmul::tests::check_against_reference(&gpu, dtype, tol);
-            row_matmul::tests::check_silu_against_reference(&gpu, dtype, tol);
+            row_matmul::tests::check_norm_against_reference(&gpu, dtype, tol);
+            row_matmul::tests::check_add_against_reference(&gpu, dtype);
         }
     }
 }

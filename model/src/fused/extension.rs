@@ -51,16 +51,37 @@ pub trait FusedOps: burn::backend::Backend {
         offset: usize,
     ) -> FloatTensor<Self>;
 
-    /// `x` `[m, k]` times `w` `[k, n]` for a few rows (decoding): `[m, n]`, in `x`'s type.
-    #[fusion(dtype = x, shape = row_product_shape(x, w))]
+    /// `x` `[m, k]` times the transpose of `w` `[n, k]` (a weight row per output, PyTorch's layout) for a
+    /// few rows (decoding): `[m, n]`, in `x`'s type.
+    #[fusion(dtype = x, shape = row_product_shape(x, w, false))]
     fn row_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
 
-    /// `silu(gate) · up` of `x` `[m, k]` times `w` `[k, 2 · inner]` (the gate and up projections side by
-    /// side, SwiGLU): `[m, inner]`, in `x`'s type. By default [`FusedOps::row_matmul`] then
-    /// [`FusedOps::silu_mul`]; on CubeCL runtimes the activation is taken in the product's summing launch.
-    #[fusion(default)]
-    fn row_matmul_silu(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
-        Self::silu_mul(Self::row_matmul(x, w))
+    /// [`FusedOps::row_matmul`] of `x`'s RMSNorm with `norm` `[k]`: `[m, n]`; with `silu`, `silu(gate) ·
+    /// up` of the product's halves (`w` holds SwiGLU's gate rows, then its up rows): `[m, n / 2]`. By
+    /// default [`FusedOps::rms_norm`], the product and [`FusedOps::silu_mul`]; one launch on CubeCL
+    /// runtimes.
+    #[fusion(dtype = x, shape = row_product_shape(x, w, *silu))]
+    fn norm_row_matmul(
+        x: FloatTensor<Self>,
+        norm: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        eps: f32,
+        silu: bool,
+    ) -> FloatTensor<Self> {
+        let y = Self::row_matmul(Self::rms_norm(x, norm, eps), w);
+        if silu { Self::silu_mul(y) } else { y }
+    }
+
+    /// `residual + ` [`FusedOps::row_matmul`]`(x, w)` with `residual` `[m, n]` (the residual stream after
+    /// a sublayer's output projection). By default the product, then an addition; one launch on CubeCL
+    /// runtimes.
+    #[fusion(dtype = x, shape = residual)]
+    fn row_matmul_add(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::float_add(residual, Self::row_matmul(x, w))
     }
 
     /// Attention of one position `q` `[b, heads, 1, d]` over the first `len` positions of the caches `k`,
@@ -139,10 +160,11 @@ fn heads_shape(qkv: &Shape, table: &Shape, heads: usize) -> Shape {
     Shape::new([qkv[0], heads, qkv[1], table[1]])
 }
 
-/// `[m, n]` for `x` `[m, k]` and `w` `[k, n]` (declared to the fusion backend).
+/// `[m, n]` for `x` `[m, k]` and `w` `[n, k]`, or `[m, n / 2]` with `silu` (declared to the fusion
+/// backend).
 #[cfg(feature = "fusion")]
-fn row_product_shape(x: &Shape, w: &Shape) -> Shape {
-    Shape::new([x[0], w[1]])
+fn row_product_shape(x: &Shape, w: &Shape, silu: bool) -> Shape {
+    Shape::new([x[0], if silu { w[0] / 2 } else { w[0] }])
 }
 
 /// `[b, 1, heads · d]` for `q` `[b, heads, 1, d]` (declared to the fusion backend).
@@ -259,10 +281,28 @@ pub fn row_matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     ))
 }
 
-/// [`FusedOps::row_matmul_silu`] on tensors.
-pub fn row_matmul_silu(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
-    Tensor::from_dispatch(<Dispatch as FusedOps>::row_matmul_silu(
+/// [`FusedOps::norm_row_matmul`] on tensors.
+pub fn norm_row_matmul(
+    x: Tensor<2>,
+    norm: Tensor<1>,
+    w: Tensor<2>,
+    eps: f32,
+    silu: bool,
+) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::norm_row_matmul(
+        x.into_dispatch(),
+        norm.into_dispatch(),
+        w.into_dispatch(),
+        eps,
+        silu,
+    ))
+}
+
+/// [`FusedOps::row_matmul_add`] on tensors.
+pub fn row_matmul_add(x: Tensor<2>, w: Tensor<2>, residual: Tensor<2>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::row_matmul_add(
         x.into_dispatch(),
         w.into_dispatch(),
+        residual.into_dispatch(),
     ))
 }

@@ -1,16 +1,22 @@
-//! The matrix products of decoding, one input row times a `[k, n]` weight, as a kernel made for reading
-//! the weight once at the memory's speed. Decoding a 7B model multiplies one row by each of ~14 GB of
-//! weights per token; Burn's autotuned product picks among tiled kernels made for many rows, and on an
-//! H200 through wgpu a whole token took 80 ms with it, 4 % of the memory-bandwidth floor, and 17–27 ms
-//! with this kernel (BENCHMARKS.md, GPU). So on CubeCL runtimes the products of inputs of at most
-//! [`ROW_MATMUL_MAX_ROWS`] rows take it by default (`LLAVA_MED_GPU_ROW_MATMUL=0` switches back to Burn's
-//! product, for comparison); longer inputs and other backends take Burn's product. It splits the inputs
-//! into chunks so that even a 4096-wide product spreads over ~1,000 cubes (a tiled kernel of one row
-//! gives a large GPU a few dozen warps), a warp's 32 units read 32 neighbouring weights of one input row
-//! at a time, and the chunks' partial sums are added by a second small kernel (which for the MLP's gate/up
-//! product also takes SwiGLU's activation, `Linear::forward_silu_mul`, saving it a launch). On lavapipe it is 10–40×
-//! slower than Burn's product (`examples/gpu_ops.rs`), which says nothing about a GPU: the CPU runs a
-//! cube's 256 units as a loop, and no one decodes on lavapipe (`--device auto` skips it).
+//! The matrix products of decoding, one input row times a weight stored a row per output (`[n, k]`,
+//! PyTorch's layout), as a kernel made to read the weight once at the memory's speed, and in as few
+//! launches as a decoder layer allows. Decoding a 7B model multiplies one row by each of ~14 GB of weights
+//! per token; Burn's autotuned product picks among tiled kernels made for many rows, and on an H200
+//! through wgpu a whole token took 80 ms with it, 4 % of the memory-bandwidth floor (BENCHMARKS.md, GPU).
+//! So on CubeCL runtimes the float weights of linear layers are stored `[out, in]` ([`crate::linear`]),
+//! and products of inputs of at most [`ROW_MATMUL_MAX_ROWS`] rows take this kernel by default
+//! (`LLAVA_MED_GPU_ROW_MATMUL=0` switches back to Burn's product over the transposed view, for
+//! comparison); longer inputs and other backends take Burn's product.
+//!
+//! A warp's 32 units read 32 neighbouring weights of one row at a time and each output's whole sum stays
+//! in one cube, so a product is one launch; the layer's neighbouring steps come along in it (the RMSNorm
+//! before q/k/v and gate/up, SwiGLU's activation after gate/up, the residual addition after the output and
+//! down projections: [`super::extension::FusedOps::norm_row_matmul`], `row_matmul_add`). Launches, not
+//! bytes, bounded decoding through wgpu (~40 µs of the host's time each, BENCHMARKS.md): a layer is 5 of
+//! them this way (with q/k/v's attention step; `lm::DecoderLayer::forward_in_products`), against 10 with
+//! a split product whose chunks a second launch summed and the norms and sums in passes of their own. On lavapipe the kernel is far slower than Burn's product (`examples/gpu_ops.rs`), which
+//! says nothing about a GPU: the CPU runs a cube's 256 units as a loop, and no one decodes on lavapipe
+//! (`--device auto` skips it).
 
 use burn::tensor::Tensor;
 
@@ -34,17 +40,17 @@ fn switch_on(value: Option<&str>) -> bool {
     )
 }
 
-/// `x` `[m, k]` times `w` `[k, n]`: `[m, n]`.
+/// `x` `[m, k]` times the transpose of `w` `[n, k]`: `[m, n]`.
 pub fn row_matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     if takes_kernel(&x, &w) {
         return extension::row_matmul(x, w);
     }
-    x.matmul(w)
+    x.matmul(w.transpose())
 }
 
 /// Whether the kernel can take these operands (a CubeCL device, a few rows, one type).
 pub fn fits_kernel(x: &Tensor<2>, w: &Tensor<2>) -> bool {
-    let ([m, k], [wk, _]) = (x.dims(), w.dims());
+    let ([m, k], [_, wk]) = (x.dims(), w.dims());
     let device = x.device();
     m <= ROW_MATMUL_MAX_ROWS
         && k == wk
@@ -78,77 +84,143 @@ mod switch_tests {
 pub(crate) mod tests {
     use burn::tensor::{DType, Device, Tensor, TensorData};
 
+    use super::super::extension;
+    use super::super::rms_norm::rms_norm;
     use super::super::test_support::{host, reference_product, spread_values as values};
 
-    /// The kernel against an f64 product on the host, for shapes that leave partial column tiles (n not
-    /// a multiple of 128), partial input chunks, several chunks and fewer inputs than a cube's slices,
-    /// with 1 to 8 rows.
+    /// Shapes with fewer outputs than a cube's rows, a partial last cube, inputs that are not a multiple
+    /// of the lanes or of four loads, several cubes, 1 to 8 rows.
+    const SHAPES: [(usize, usize, usize); 6] = [
+        (1, 64, 96),
+        (3, 200, 130),
+        (1, 3000, 1000),
+        (8, 1037, 257),
+        (2, 4096, 384),
+        (1, 5, 3),
+    ];
+
+    /// `[rows, cols]` of `values` rounded to `dtype` on `device`, and the rounded values on the host (so
+    /// references multiply what the device holds).
+    fn operand(
+        rows: usize,
+        cols: usize,
+        seed: usize,
+        device: &Device,
+        dtype: DType,
+    ) -> (Tensor<2>, Vec<f32>) {
+        let t = Tensor::<2>::from_data(
+            TensorData::new(values(rows * cols, seed), [rows, cols]),
+            device,
+        )
+        .cast(dtype);
+        let h = host(t.clone());
+        (t, h)
+    }
+
+    /// `got` against `want` within `tol` of the larger of `scale` and the value.
+    fn assert_near(got: &[f32], want: &[f32], tol: f32, scale: f32, what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (i, (a, b)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (a - b).abs() <= tol * scale.max(b.abs()),
+                "{what} [{i}]: {a} vs {b}"
+            );
+        }
+    }
+
+    /// The kernel against an f64 product on the host.
     pub fn check_against_reference(device: &Device, dtype: DType, tol: f32) {
-        for (m, k, n) in [
-            (1, 64, 96),
-            (3, 200, 130),
-            (1, 3000, 1000),
-            (8, 1037, 257),
-            (2, 4096, 384),
-            (1, 5, 300),
-        ] {
-            let (x, w) = (values(m * k, m + k), values(k * n, n));
-            // Rounded to `dtype` first, so the reference multiplies the values the device holds.
-            let xt = Tensor::<2>::from_data(TensorData::new(x, [m, k]), device).cast(dtype);
-            let wt = Tensor::<2>::from_data(TensorData::new(w, [k, n]), device).cast(dtype);
+        for (m, k, n) in SHAPES {
+            let ((xt, xh), (wt, wh)) = (
+                operand(m, k, m + k, device, dtype),
+                operand(n, k, n, device, dtype),
+            );
             assert!(
                 super::fits_kernel(&xt, &wt),
-                "{m}×{k}·{k}×{n} {dtype:?} must fit the kernel"
+                "{m}×{k}·({n}×{k})ᵀ {dtype:?} must fit the kernel"
             );
-            let (xh, wh) = (host(xt.clone()), host(wt.clone()));
             // The kernel itself, and `row_matmul` when the switch routes it there (Burn's product is not
             // run otherwise: autotuning it on lavapipe takes a minute per shape).
             let routed = super::takes_kernel(&xt, &wt)
                 .then(|| host(super::row_matmul(xt.clone(), wt.clone())));
-            let got = super::extension::row_matmul(xt, wt);
+            let got = extension::row_matmul(xt, wt);
             assert_eq!(got.dims(), [m, n]);
             let got = host(got);
-            let want = reference_product(&xh, m, k, n, |i, j| wh[i * n + j]);
+            let want = reference_product(&xh, m, k, n, |i, j| wh[j * k + i]);
             // Relative to the size of the terms (a sum of k products of values up to 8).
-            let scale = (k as f32).sqrt() * 4.0;
-            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (a - b).abs() <= tol * scale.max(b.abs()),
-                    "{m}×{k}·{k}×{n} {dtype:?} [{i}]: {a} vs {b}"
-                );
-            }
+            let what = format!("{m}×{k}·({n}×{k})ᵀ {dtype:?}");
+            assert_near(&got, &want, tol, (k as f32).sqrt() * 4.0, &what);
             if let Some(routed) = routed {
-                assert_eq!(
-                    routed, got,
-                    "{m}×{k}·{k}×{n} {dtype:?}: row_matmul ≠ the kernel"
-                );
+                assert_eq!(routed, got, "{what}: row_matmul ≠ the kernel");
             }
         }
     }
 
-    /// The kernel with SwiGLU's activation in its summing launch against `silu(gate) · up` of an f64
-    /// product on the host (one and several chunks, a partial column tile, several rows).
-    pub fn check_silu_against_reference(device: &Device, dtype: DType, tol: f32) {
-        for (m, k, inner) in [(1, 64, 48), (3, 1037, 130), (2, 4096, 256)] {
-            let n = 2 * inner;
-            let (x, w) = (values(m * k, m + k), values(k * n, n + 1));
-            let xt = Tensor::<2>::from_data(TensorData::new(x, [m, k]), device).cast(dtype);
+    /// With the RMSNorm of the input in the same launch, against the RMSNorm kernel (itself held to the
+    /// tensor ops) then an f64 product; and with SwiGLU's activation after it, against `silu(gate) · up` of
+    /// that product in f64.
+    pub fn check_norm_against_reference(device: &Device, dtype: DType, tol: f32) {
+        for (m, k, n) in SHAPES {
+            let (xt, _) = operand(m, k, m + k, device, dtype);
+            let (gamma, _) = operand(1, k, 7, device, dtype);
+            let gamma = gamma.reshape([k]);
             // Scaled so the gate's sums cover the sigmoid's range without saturating it everywhere.
-            let wt = Tensor::<2>::from_data(TensorData::new(w, [k, n]), device).cast(dtype)
-                / (k as f32).sqrt();
-            let (xh, wh) = (host(xt.clone()), host(wt.clone()));
-            let got = host(super::extension::row_matmul_silu(xt, wt));
-            let h = reference_product(&xh, m, k, n, |i, j| wh[i * n + j]);
-            assert_eq!(got.len(), m * inner);
-            for (i, a) in got.iter().enumerate() {
-                let (r, j) = (i / inner, i % inner);
-                let (g, u) = (h[r * n + j] as f64, h[r * n + inner + j] as f64);
-                let b = (g / (1.0 + (-g).exp()) * u) as f32;
-                assert!(
-                    (a - b).abs() <= tol * 8.0 * b.abs().max(1.0),
-                    "{m}×{k}·{k}×{n} {dtype:?} [{i}]: {a} vs {b}"
-                );
-            }
+            let (wt, _) = operand(2 * n, k, n + 1, device, dtype);
+            let wt = wt / (k as f32).sqrt();
+            let wh = host(wt.clone());
+            let normed = host(rms_norm(xt.clone(), gamma.clone(), 1e-5));
+            let h = reference_product(&normed, m, k, 2 * n, |i, j| wh[j * k + i]);
+            let what = format!("norm {m}×{k}·({}×{k})ᵀ {dtype:?}", 2 * n);
+            let got = host(extension::norm_row_matmul(
+                xt.clone(),
+                gamma.clone(),
+                wt.clone(),
+                1e-5,
+                false,
+            ));
+            assert_near(&got, &h, tol, 4.0, &what);
+            let got = host(extension::norm_row_matmul(xt, gamma, wt, 1e-5, true));
+            let want: Vec<f32> = (0..m * n)
+                .map(|i| {
+                    let (r, j) = (i / n, i % n);
+                    let (g, u) = (h[r * 2 * n + j] as f64, h[r * 2 * n + n + j] as f64);
+                    (g / (1.0 + (-g).exp()) * u) as f32
+                })
+                .collect();
+            assert_near(&got, &want, tol * 2.0, 4.0, &format!("silu {what}"));
+        }
+    }
+
+    /// With the residual added in the same launch, against the sum on the host of the residual and the
+    /// kernel's own product (each rounded to the tensors' type, as two launches would store them).
+    pub fn check_add_against_reference(device: &Device, dtype: DType) {
+        for (m, k, n) in SHAPES {
+            let ((xt, _), (wt, _), (rt, rh)) = (
+                operand(m, k, m + k, device, dtype),
+                operand(n, k, n, device, dtype),
+                operand(m, n, 3, device, dtype),
+            );
+            let product = host(extension::row_matmul(xt.clone(), wt.clone()));
+            let want = host(
+                Tensor::<2>::from_data(
+                    TensorData::new(
+                        rh.iter().zip(&product).map(|(a, b)| a + b).collect(),
+                        [m, n],
+                    ),
+                    device,
+                )
+                .cast(dtype),
+            );
+            let got = host(extension::row_matmul_add(xt, wt, rt));
+            // The same sums, so the same values up to the last bit of the type's addition.
+            let tol = if dtype == DType::F32 { 1e-6 } else { 1e-3 };
+            assert_near(
+                &got,
+                &want,
+                tol,
+                1.0,
+                &format!("add {m}×{k}·({n}×{k})ᵀ {dtype:?}"),
+            );
         }
     }
 }

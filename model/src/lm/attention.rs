@@ -10,6 +10,7 @@ use crate::error::Result;
 use crate::fused::attention::decode_step;
 use crate::fused::prompt_attention::{masked_attention, prompt_attention};
 use crate::linear::Linear;
+use crate::norm::RmsNorm;
 use crate::weights::WeightLoader;
 
 /// LLaMA/Mistral attention (no biases).
@@ -43,19 +44,47 @@ impl SelfAttention {
         })
     }
 
-    /// Attends the new positions `x` to themselves and everything cached before them.
+    /// Attends the new positions, given as normalised hidden states `h`, to themselves and everything
+    /// cached before them: the output projection's result.
     ///
     /// # Shapes
-    /// - x: `[batch, seq, hidden]` (positions `cache.len()..cache.len() + seq`)
+    /// - h: `[batch, seq, hidden]` (positions `cache.len()..cache.len() + seq`)
     /// - output: `[batch, seq, hidden]`
     pub fn forward(
         &self,
-        x: Tensor<3>,
+        h: Tensor<3>,
         rope: &Rope,
         cache: &mut KvCache,
         layer: usize,
     ) -> Tensor<3> {
-        let [b, seq, _] = x.dims();
+        let out = self.attend(self.qkv_proj.forward(h), rope, cache, layer);
+        self.o_proj.forward(out)
+    }
+
+    /// [`Self::forward`] of `norm(x)` added to the residual stream `x`. Where the projections take the
+    /// one-row kernel (decoding on a GPU), the norm and the sum are taken in their launches.
+    pub fn forward_residual(
+        &self,
+        x: Tensor<3>,
+        norm: &RmsNorm,
+        rope: &Rope,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Tensor<3> {
+        let qkv = self.qkv_proj.forward_normed(x.clone(), norm);
+        let out = self.attend(qkv, rope, cache, layer);
+        self.o_proj.forward_residual(x, out)
+    }
+
+    /// Whether the projections of `x` take the one-row kernel ([`Self::forward_residual`]'s fused path).
+    pub fn takes_row_kernel(&self, x: &Tensor<3>) -> bool {
+        self.qkv_proj.takes_row_kernel(x)
+    }
+
+    /// The attention of the new positions' q/k/v projections `[batch, seq, q + 2 · kv]`, the heads side
+    /// by side as the output projection takes them: `[batch, seq, q]`.
+    fn attend(&self, qkv: Tensor<3>, rope: &Rope, cache: &mut KvCache, layer: usize) -> Tensor<3> {
+        let [b, seq, _] = qkv.dims();
         let offset = cache.len();
         let split =
             |t: Tensor<3>, heads: usize| t.reshape([b, seq, heads, self.head_dim]).swap_dims(1, 2);
@@ -63,7 +92,6 @@ impl SelfAttention {
             self.num_heads * self.head_dim,
             self.num_kv_heads * self.head_dim,
         );
-        let qkv = self.qkv_proj.forward(x);
         let total = offset + seq;
         let windowed = self.sliding_window.is_some_and(|w| total > w);
         let scale = (self.head_dim as f32).powf(-0.5);
@@ -73,17 +101,16 @@ impl SelfAttention {
             // side as the output projection takes them (`fused::attention`; one launch on a GPU).
             let (cos, sin) = rope.tables();
             let heads = self.num_heads;
-            let out = cache.write_with(layer, |k, v| {
+            return cache.write_with(layer, |k, v| {
                 let (out, k, v) = decode_step(qkv, cos, sin, k, v, heads, offset, scale);
                 (k, v, out)
             });
-            return self.o_proj.forward(out);
         }
         let q = rope.heads(qkv.clone(), 0, self.num_heads, offset);
         let k = rope.heads(qkv.clone(), q_dim, self.num_kv_heads, offset);
         let v = split(qkv.narrow(2, q_dim + kv_dim, kv_dim), self.num_kv_heads);
         let (k, v) = cache.append(layer, k, v);
-        let out = if windowed {
+        if windowed {
             let mask = window_mask(
                 seq,
                 total,
@@ -95,8 +122,7 @@ impl SelfAttention {
             masked_attention(q, k, v, mask, scale)
         } else {
             prompt_attention(q, k, v, seq > 1, scale)
-        };
-        self.o_proj.forward(out)
+        }
     }
 }
 

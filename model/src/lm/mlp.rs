@@ -4,7 +4,9 @@ use burn::module::Module;
 use burn::tensor::Tensor;
 
 use crate::error::Result;
+use crate::fused::activation::silu_mul;
 use crate::linear::Linear;
+use crate::norm::RmsNorm;
 use crate::weights::WeightLoader;
 
 /// LLaMA/Mistral MLP.
@@ -26,8 +28,16 @@ impl SwiGlu {
     }
 
     /// `[.., d]` → `[.., d]`.
-    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+    pub fn forward<const D: usize>(&self, h: Tensor<D>) -> Tensor<D> {
         self.down_proj
-            .forward(self.gate_up_proj.forward_silu_mul(x))
+            .forward(silu_mul(self.gate_up_proj.forward(h)))
+    }
+
+    /// [`Self::forward`] of `norm(x)` added to the residual stream `x`. Where the projections take the
+    /// one-row kernel (decoding on a GPU) that is two launches: the norm, gate/up and the activation in
+    /// one, down and the sum in the other.
+    pub fn forward_residual<const D: usize>(&self, x: Tensor<D>, norm: &RmsNorm) -> Tensor<D> {
+        let inner = self.gate_up_proj.forward_normed_silu(x.clone(), norm);
+        self.down_proj.forward_residual(x, inner)
     }
 }

@@ -16,10 +16,11 @@ mod prompt_attention;
 const CHUNK: usize = 16 * 1024;
 
 impl FusedOps for Flex {
-    /// Flex's own product: already blocked and threaded for one row ([`super::row_matmul`] does not
-    /// route CPU tensors here; this keeps the extension complete).
+    /// Flex's own product over the transposed weight ([`super::row_matmul`] does not route CPU tensors
+    /// here, whose weights are stored `[in, out]`; this keeps the extension complete).
     fn row_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
-        <Self as burn::backend::ops::FloatTensorOps<Self>>::float_matmul(x, w)
+        use burn::backend::ops::FloatTensorOps;
+        Self::float_matmul(x, Self::float_transpose(w))
     }
 
     fn silu_mul(gate_up: FloatTensor<Self>) -> FloatTensor<Self> {
