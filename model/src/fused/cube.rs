@@ -27,23 +27,36 @@ const ROW_ROWS: u32 = 8;
 // The norm's sum of squares is a `cube_sum` over all of the product's units.
 const _: () = assert!(ROW_LANES * ROW_ROWS == NORM_UNITS);
 
-/// Input `i` of row `base` of `x` as the product takes it: as stored, or with `norm` RMS-normalised by
-/// `inv` and scaled by `gamma`, rounded to the tensors' type first as a separate RMSNorm would store it.
+/// Vector `i` of row `base` of `x` (in vectors) as the product takes it: as stored, or with `norm`
+/// RMS-normalised by `inv` and scaled by `gamma`, rounded to the tensors' type first as a separate
+/// RMSNorm would store it.
 #[cube]
-fn row_input<F: Float>(
-    x: &Tensor<F>,
-    gamma: &Tensor<F>,
+fn row_input<F: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    gamma: &Tensor<Vector<F, N>>,
     base: usize,
     i: usize,
     inv: f32,
     #[comptime] norm: bool,
-) -> f32 {
-    let v = f32::cast_from(x[base + i]);
+) -> Vector<f32, N> {
+    let v = Vector::<f32, N>::cast_from(x[base + i]);
     if comptime!(norm) {
-        f32::cast_from(F::cast_from(v * inv) * gamma[i])
+        let normed = Vector::<F, N>::cast_from(v * Vector::broadcast(inv));
+        Vector::<f32, N>::cast_from(normed * gamma[i])
     } else {
         v
     }
+}
+
+/// The sum of a vector's values.
+#[cube]
+fn vector_sum<N: Size>(v: Vector<f32, N>) -> f32 {
+    let mut s = 0.0f32;
+    #[unroll]
+    for j in 0..v.vector_size() {
+        s += v.extract(j);
+    }
+    s
 }
 
 /// The sum of `value` over the `ROW_LANES` units of the caller's cube row (`UNIT_POS_Y`), for its first
@@ -68,8 +81,9 @@ fn lane_sum(value: f32) -> f32 {
 
 /// `out[r, o] = Σ_i x[r, i] · w[o, i]` for a weight stored a row per output (`[n, k]`, PyTorch's layout):
 /// cube `(c, r)` holds `ROW_ROWS` weight rows for input row `r`, whose `ROW_LANES` units each take every
-/// `ROW_LANES`-th input (a warp reads 32 neighbouring weights at a time, four loads in flight) and add
-/// their parts in shared memory. Each output's whole sum is in one cube, so one launch does it; the
+/// `ROW_LANES`-th vector of `N` inputs (a warp reads 32 neighbouring vectors, up to 512 bytes, at a time,
+/// four loads in flight) and add their parts in shared memory. `x`, `w` and `gamma` are read as vectors
+/// of `N` values (`N` divides `k`). Each output's whole sum is in one cube, so one launch does it; the
 /// neighbouring steps of a decoder layer can come along in the same launch:
 /// - `norm`: `x` is first RMS-normalised (`eps`) and scaled by `gamma` `[k]` (every cube reduces the
 ///   row's squares itself: `k` values, against its `8 · k` weights);
@@ -80,10 +94,10 @@ fn lane_sum(value: f32) -> f32 {
 /// `gamma` and `residual` are read only with their flag.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn row_matmul_kernel<F: Float>(
-    x: &Tensor<F>,
-    w: &Tensor<F>,
-    gamma: &Tensor<F>,
+fn row_matmul_kernel<F: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    w: &Tensor<Vector<F, N>>,
+    gamma: &Tensor<Vector<F, N>>,
     residual: &Tensor<F>,
     out: &mut Tensor<F>,
     eps: f32,
@@ -92,7 +106,10 @@ fn row_matmul_kernel<F: Float>(
     #[comptime] add: bool,
     #[define(F)] _dtype: ElemType,
 ) {
-    let (k, n) = (x.shape(1), out.shape(1));
+    let width = x.vector_size();
+    // `k` in vectors.
+    let k = x.shape(1) / width;
+    let n = out.shape(1);
     let o = (CUBE_POS_Z * CUBE_COUNT_X + CUBE_POS_X) as usize * comptime!(ROW_ROWS) as usize
         + UNIT_POS_Y as usize;
     let base = CUBE_POS_Y as usize * k;
@@ -100,17 +117,18 @@ fn row_matmul_kernel<F: Float>(
     let mut inv = 1.0f32;
     if comptime!(norm) {
         let units = comptime!(NORM_UNITS) as usize;
-        let mut squares = 0.0f32;
+        let mut squares = Vector::<f32, N>::broadcast(0.0);
         let mut i = UNIT_POS as usize;
         while i < k {
-            let v = f32::cast_from(x[base + i]);
+            let v = Vector::<f32, N>::cast_from(x[base + i]);
             squares += v * v;
             i += units;
         }
-        inv = 1.0 / (cube_sum(squares) / f32::cast_from(k) + eps).sqrt();
+        let total = cube_sum(vector_sum(squares));
+        inv = 1.0 / (total / f32::cast_from(k * width) + eps).sqrt();
     }
-    let mut acc = 0.0f32;
-    let mut up = 0.0f32;
+    let mut acc = Vector::<f32, N>::broadcast(0.0);
+    let mut up = Vector::<f32, N>::broadcast(0.0);
     // Not an early exit: every unit must reach the barriers in `lane_sum`.
     if o < n {
         let (wa, wb) = (o * k, (n + o) * k);
@@ -124,31 +142,31 @@ fn row_matmul_kernel<F: Float>(
                 row_input(x, gamma, base, i + 2 * lanes, inv, norm),
                 row_input(x, gamma, base, i + 3 * lanes, inv, norm),
             );
-            acc += x0 * f32::cast_from(w[wa + i])
-                + x1 * f32::cast_from(w[wa + i + lanes])
-                + x2 * f32::cast_from(w[wa + i + 2 * lanes])
-                + x3 * f32::cast_from(w[wa + i + 3 * lanes]);
+            acc += x0 * Vector::<f32, N>::cast_from(w[wa + i])
+                + x1 * Vector::<f32, N>::cast_from(w[wa + i + lanes])
+                + x2 * Vector::<f32, N>::cast_from(w[wa + i + 2 * lanes])
+                + x3 * Vector::<f32, N>::cast_from(w[wa + i + 3 * lanes]);
             if comptime!(silu) {
-                up += x0 * f32::cast_from(w[wb + i])
-                    + x1 * f32::cast_from(w[wb + i + lanes])
-                    + x2 * f32::cast_from(w[wb + i + 2 * lanes])
-                    + x3 * f32::cast_from(w[wb + i + 3 * lanes]);
+                up += x0 * Vector::<f32, N>::cast_from(w[wb + i])
+                    + x1 * Vector::<f32, N>::cast_from(w[wb + i + lanes])
+                    + x2 * Vector::<f32, N>::cast_from(w[wb + i + 2 * lanes])
+                    + x3 * Vector::<f32, N>::cast_from(w[wb + i + 3 * lanes]);
             }
             i += 4 * lanes;
         }
         while i < k {
             let xv = row_input(x, gamma, base, i, inv, norm);
-            acc += xv * f32::cast_from(w[wa + i]);
+            acc += xv * Vector::<f32, N>::cast_from(w[wa + i]);
             if comptime!(silu) {
-                up += xv * f32::cast_from(w[wb + i]);
+                up += xv * Vector::<f32, N>::cast_from(w[wb + i]);
             }
             i += lanes;
         }
     }
-    let s = lane_sum(acc);
+    let s = lane_sum(vector_sum(acc));
     let mut u = 0.0f32;
     if comptime!(silu) {
-        u = lane_sum(up);
+        u = lane_sum(vector_sum(up));
     }
     if UNIT_POS_X == 0 && o < n {
         let at = CUBE_POS_Y as usize * n + o;
@@ -586,6 +604,13 @@ fn row_product(
     let cubes_x = cubes.clamp(1, MAX_CUBES_X);
     let count = CubeCount::Static(cubes_x as u32, m as u32, cubes.div_ceil(cubes_x) as u32);
     let dtype = x.dtype;
+    // The widest vector loads whose width divides the rows (16 bytes where the runtime allows).
+    let width = x
+        .client
+        .io_optimized_vector_sizes(dtype.size())
+        .filter(|&v| k.is_multiple_of(v))
+        .max()
+        .unwrap_or(1);
     // SAFETY: `x` `[m, k]`, `w` `[n or 2n, k]`, `gamma` `[k]` and `residual` `[m, n]` are contiguous
     // (checked above; without their flag the kernel reads neither, bound to `x`); cube (c, r) reads row
     // `r < m` of `x` and weight rows below `n` (or `2n` with `silu`), and the first unit of each cube
@@ -595,6 +620,7 @@ fn row_product(
             &out.client,
             count,
             CubeDim::new_2d(ROW_LANES, ROW_ROWS),
+            width,
             x.clone().into_tensor_arg(),
             w.into_tensor_arg(),
             gamma.unwrap_or_else(|| x.clone()).into_tensor_arg(),

@@ -8,8 +8,8 @@
 //! (`LLAVA_MED_GPU_ROW_MATMUL=0` switches back to Burn's product over the transposed view, for
 //! comparison); longer inputs and other backends take Burn's product.
 //!
-//! A warp's 32 units read 32 neighbouring weights of one row at a time and each output's whole sum stays
-//! in one cube, so a product is one launch; the layer's neighbouring steps come along in it (the RMSNorm
+//! A warp's 32 units read 32 neighbouring vectors of one row at a time (the widest loads the runtime offers
+//! that divide the row) and each output's whole sum stays in one cube, so a product is one launch; the layer's neighbouring steps come along in it (the RMSNorm
 //! before q/k/v and gate/up, SwiGLU's activation after gate/up, the residual addition after the output and
 //! down projections: [`super::extension::FusedOps::norm_row_matmul`], `row_matmul_add`). Launches, not
 //! bytes, bounded decoding through wgpu (~40 µs of the host's time each, BENCHMARKS.md): a layer is 5 of
