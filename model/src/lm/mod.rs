@@ -183,7 +183,7 @@ impl Decoder {
     /// normalised hidden states `[batch, seq, hidden]`.
     pub fn forward_embeds(&self, x: Tensor<3>, cache: &mut KvCache) -> Result<Tensor<3>> {
         let seq = x.dims()[1];
-        cache.check_room(seq)?;
+        cache.reserve(seq)?;
         let in_products = self
             .layers
             .first()

@@ -136,8 +136,9 @@ pub fn run(engine: Engine, options: ServeOptions) -> Result<(), ServeError> {
     let lm = &engine.model.lm;
     tracing::info!(
         slots = options.prompt_cache_slots,
-        mb_per_slot = lm.kv_cache_bytes(lm.max_positions()) / 1_000_000,
-        "prompt cache: the KV caches of up to this many conversations are kept between requests"
+        mb_per_slot_at_most = lm.kv_cache_bytes(lm.max_positions()) / 1_000_000,
+        "prompt cache: the KV caches of up to this many conversations are kept between requests (each \
+         grows with its conversation)"
     );
     let engine = Arc::new(engine);
     let (queue, worker) = queue::Queue::start(
