@@ -123,13 +123,13 @@ impl QuantizedMatrix {
                     )
                 })
                 .collect();
-            return Tensor::cat(outs, 1);
+            return side_by_side(outs);
         }
         let outs: Vec<Tensor<2>> = self
             .slabs(SLAB_VALUES)
             .map(|w| x.clone().matmul(w.transpose()))
             .collect();
-        Tensor::cat(outs, 1)
+        side_by_side(outs)
     }
 
     /// Consecutive row ranges of at most `max_values` values (at least one row), each dequantised,
@@ -204,6 +204,17 @@ fn fields(words: Tensor<2, Int>, bits: usize) -> Tensor<3> {
         .bitwise_and_scalar((1i64 << bits) - 1)
         .float()
         .cast(DType::F32)
+}
+
+/// Products of consecutive row ranges side by side, `[m, Σ rows]`: one part is returned as it is, since
+/// concatenating even one part copies it (a launch per product on a GPU, 129 per `7b` token decoded).
+fn side_by_side(mut parts: Vec<Tensor<2>>) -> Tensor<2> {
+    if parts.len() == 1
+        && let Some(part) = parts.pop()
+    {
+        return part;
+    }
+    Tensor::cat(parts, 1)
 }
 
 #[cfg(test)]
