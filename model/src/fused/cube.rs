@@ -614,7 +614,8 @@ fn row_product(
     // SAFETY: `x` `[m, k]`, `w` `[n or 2n, k]`, `gamma` `[k]` and `residual` `[m, n]` are contiguous
     // (checked above; without their flag the kernel reads neither, bound to `x`); cube (c, r) reads row
     // `r < m` of `x` and weight rows below `n` (or `2n` with `silu`), and the first unit of each cube
-    // row writes its one output.
+    // row writes its one output. `x`, `w` and `gamma` are read as vectors of `width` values, which
+    // divides `k`, so no vector runs past a row.
     unsafe {
         row_matmul_kernel::launch_unchecked(
             &out.client,
