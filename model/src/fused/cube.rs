@@ -13,7 +13,7 @@ use super::extension::FusedOps;
 use crate::kernels::device::{MAX_CUBES_X, cubes, empty_like, per_value};
 
 /// Units per cube of the RMSNorm kernel (one cube per row).
-const NORM_UNITS: u32 = 256;
+pub(crate) const NORM_UNITS: u32 = 256;
 /// Units per cube of the decode attention kernel (one cube per query head; one unit per head dimension
 /// when summing the values).
 const ATTENTION_UNITS: u32 = 256;
@@ -59,18 +59,18 @@ fn vector_sum<N: Size>(v: Vector<f32, N>) -> f32 {
     s
 }
 
-/// The sum of `value` over the `ROW_LANES` units of the caller's cube row (`UNIT_POS_Y`), for its first
-/// unit (a tree in shared memory; every unit of the cube must call it).
+/// The sum of `value` over the `lanes` units of the caller's cube row (`UNIT_POS_Y`; a power of two, and
+/// `lanes` times the rows at most `NORM_UNITS`), for its first unit (a tree in shared memory; every unit
+/// of the cube must call it).
 #[cube]
-fn lane_sum(value: f32) -> f32 {
-    let lanes = comptime!(ROW_LANES) as usize;
-    let (u, row) = (UNIT_POS_X as usize, UNIT_POS_Y as usize * lanes);
+pub(crate) fn lane_sum(value: f32, #[comptime] lanes: u32) -> f32 {
+    let (u, row) = (UNIT_POS_X as usize, UNIT_POS_Y as usize * lanes as usize);
     let mut parts = Shared::<[f32]>::new_slice(NORM_UNITS as usize);
     parts[row + u] = value;
     sync_cube();
     #[unroll]
-    for step in 1..comptime!(ROW_LANES.trailing_zeros() + 1) {
-        let half = comptime!(ROW_LANES >> step) as usize;
+    for step in 1..comptime!(lanes.trailing_zeros() + 1) {
+        let half = comptime!(lanes >> step) as usize;
         if u < half {
             parts[row + u] += parts[row + u + half];
         }
@@ -163,10 +163,10 @@ fn row_matmul_kernel<F: Float, N: Size>(
             i += lanes;
         }
     }
-    let s = lane_sum(vector_sum(acc));
+    let s = lane_sum(vector_sum(acc), ROW_LANES);
     let mut u = 0.0f32;
     if comptime!(silu) {
-        u = lane_sum(vector_sum(up));
+        u = lane_sum(vector_sum(up), ROW_LANES);
     }
     if UNIT_POS_X == 0 && o < n {
         let at = CUBE_POS_Y as usize * n + o;

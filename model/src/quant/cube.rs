@@ -15,10 +15,13 @@ use burn_cubecl::tensor::CubeTensor;
 
 use super::extension::{FUSED_MAX_ROWS, PackedOps};
 use super::pack::GROUP;
+use crate::fused::cube::lane_sum;
 use crate::kernels::device::{MAX_CUBES_X, empty_like, per_value};
 
 /// Units per cube of the product kernel.
 const CUBE_UNITS: u32 = 256;
+// `lane_sum`'s shared memory holds one value per unit of a cube.
+const _: () = assert!(CUBE_UNITS == crate::fused::cube::NORM_UNITS);
 /// Most units sharing one weight row in the product kernel.
 const MAX_LANES: usize = 32;
 
@@ -92,21 +95,9 @@ fn packed_matmul_kernel<F: Float>(
             g += lanes as usize;
         }
     }
-    let mut parts = Shared::<[f32]>::new_slice(CUBE_UNITS as usize);
-    let row = UNIT_POS_Y as usize * lanes as usize;
-    let u = UNIT_POS_X as usize;
-    parts[row + u] = acc;
-    sync_cube();
-    #[unroll]
-    for step in 1..comptime!(lanes.trailing_zeros() + 1) {
-        let half = comptime!(lanes >> step) as usize;
-        if u < half {
-            parts[row + u] += parts[row + u + half];
-        }
-        sync_cube();
-    }
-    if u == 0 && o < n {
-        out[r * n + o] = F::cast_from(parts[row]);
+    let total = lane_sum(acc, lanes);
+    if UNIT_POS_X == 0 && o < n {
+        out[r * n + o] = F::cast_from(total);
     }
 }
 
