@@ -81,56 +81,68 @@ impl Linear {
         }
     }
 
-    /// The layer of `norm(x)`: on the one-row kernel's path the normalisation is taken in the product's
+    /// The layer of `norm(x)`: on the one-row kernels' path the normalisation is taken in the product's
     /// launch rather than one of its own.
     pub fn forward_normed<const D: usize>(&self, x: Tensor<D>, norm: &RmsNorm) -> Tensor<D> {
         match self.fused_operands(&x) {
-            Some((flat, w)) => {
+            Some(fused) => {
                 let mut dims = x.dims();
-                dims[D - 1] = w.dims()[0];
-                let (gamma, eps) = (norm.weight.val(), norm.eps as f32);
-                extension::norm_row_matmul(flat, gamma, w, eps, false).reshape(dims)
+                dims[D - 1] = fused.outputs();
+                fused.normed(norm, false).reshape(dims)
             }
             None => self.forward(norm.forward(x)),
         }
     }
 
     /// SwiGLU's `silu(gate) · up` of the layer of `norm(x)`, whose outputs `[.., 2 · inner]` are the gate
-    /// and up projections side by side: `[.., inner]`. On the one-row kernel's path, one launch.
+    /// and up projections side by side: `[.., inner]`. On the one-row kernels' path, one launch.
     pub fn forward_normed_silu<const D: usize>(&self, x: Tensor<D>, norm: &RmsNorm) -> Tensor<D> {
         match self.fused_operands(&x) {
-            Some((flat, w)) => {
+            Some(fused) => {
                 let mut dims = x.dims();
-                dims[D - 1] = w.dims()[0] / 2;
-                let (gamma, eps) = (norm.weight.val(), norm.eps as f32);
-                extension::norm_row_matmul(flat, gamma, w, eps, true).reshape(dims)
+                dims[D - 1] = fused.outputs() / 2;
+                fused.normed(norm, true).reshape(dims)
             }
             None => silu_mul(self.forward(norm.forward(x))),
         }
     }
 
     /// `residual + ` the layer of `x` (the residual stream after a sublayer's output projection). On the
-    /// one-row kernel's path the addition is taken in the product's launch.
+    /// one-row kernels' path the addition is taken in the product's launch.
     pub fn forward_residual<const D: usize>(&self, residual: Tensor<D>, x: Tensor<D>) -> Tensor<D> {
         match self.fused_operands(&x) {
-            Some((flat, w)) if residual.dims()[D - 1] == w.dims()[0] => {
+            Some(fused) if residual.dims()[D - 1] == fused.outputs() => {
                 let dims = residual.dims();
-                let flat_residual = residual.reshape([flat.dims()[0], w.dims()[0]]);
-                extension::row_matmul_add(flat, w, flat_residual).reshape(dims)
+                let flat_residual = residual.reshape([fused.rows(), fused.outputs()]);
+                fused.plus(flat_residual).reshape(dims)
             }
             _ => residual + self.forward(x),
         }
     }
 
-    /// Whether this layer's product of `x` takes the one-row kernel, where the fused steps
-    /// ([`Self::forward_normed`], [`Self::forward_normed_silu`], [`Self::forward_residual`]) come along.
+    /// Whether this layer's product of `x` takes a one-row kernel (the float [`row_matmul`] or the packed
+    /// product), where the fused steps ([`Self::forward_normed`], [`Self::forward_normed_silu`],
+    /// [`Self::forward_residual`]) come along.
     pub fn takes_row_kernel<const D: usize>(&self, x: &Tensor<D>) -> bool {
         self.fused_operands(x).is_some()
     }
 
-    /// [`Self::row_operands`] for the fused steps, which have no bias term.
-    fn fused_operands<const D: usize>(&self, x: &Tensor<D>) -> Option<(Tensor<2>, Tensor<2>)> {
-        self.bias.is_none().then(|| self.row_operands(x)).flatten()
+    /// The operands of the fused steps, which have no bias term, when a one-row kernel takes them.
+    fn fused_operands<const D: usize>(&self, x: &Tensor<D>) -> Option<FusedOperands<'_>> {
+        if self.bias.is_some() {
+            return None;
+        }
+        if let LinearWeight::Quantized(q) = &self.weight {
+            let dims = x.dims();
+            let rows: usize = dims[..D - 1].iter().product();
+            let flat = x.clone().reshape([rows, q.dims()[1]]);
+            let weight = FusedWeight::Packed(q);
+            return q.fuses(&flat).then_some(FusedOperands { x: flat, weight });
+        }
+        self.row_operands(x).map(|(x, w)| FusedOperands {
+            x,
+            weight: FusedWeight::Rows(Box::new(w)),
+        })
     }
 
     /// `x` as `[rows, in]` and the `[out, in]` weight, when the one-row product kernel takes them.
@@ -145,5 +157,52 @@ impl Linear {
             .then(|| x.clone().reshape([rows, w.dims()[1]]))
             .filter(|flat| row_matmul::takes_kernel(flat, &w))
             .map(|flat| (flat, w))
+    }
+}
+
+/// The operands of a fused step: the input as `[rows, in]` and the weight.
+struct FusedOperands<'a> {
+    x: Tensor<2>,
+    weight: FusedWeight<'a>,
+}
+
+/// The weight of a fused step: float `[out, in]` (the one-row product, [`row_matmul`]) or packed (its
+/// product kernel).
+enum FusedWeight<'a> {
+    Rows(Box<Tensor<2>>),
+    Packed(&'a QuantizedMatrix),
+}
+
+impl FusedOperands<'_> {
+    /// Input rows.
+    fn rows(&self) -> usize {
+        self.x.dims()[0]
+    }
+
+    /// The weight's outputs (rows).
+    fn outputs(&self) -> usize {
+        match &self.weight {
+            FusedWeight::Rows(w) => w.dims()[0],
+            FusedWeight::Packed(q) => q.dims()[0],
+        }
+    }
+
+    /// The product of `norm(x)`, then with `silu` SwiGLU's activation of its halves: one launch.
+    fn normed(self, norm: &RmsNorm, silu: bool) -> Tensor<2> {
+        let gamma = norm.weight.val();
+        match self.weight {
+            FusedWeight::Rows(w) => {
+                extension::norm_row_matmul(self.x, gamma, *w, norm.eps as f32, silu)
+            }
+            FusedWeight::Packed(q) => q.norm_matmul_t(self.x, gamma, norm.eps, silu),
+        }
+    }
+
+    /// `residual` `[rows, outputs]` plus the product: one launch.
+    fn plus(self, residual: Tensor<2>) -> Tensor<2> {
+        match self.weight {
+            FusedWeight::Rows(w) => extension::row_matmul_add(self.x, *w, residual),
+            FusedWeight::Packed(q) => q.matmul_t_add(self.x, residual),
+        }
     }
 }

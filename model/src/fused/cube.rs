@@ -208,7 +208,7 @@ fn quick_gelu_kernel<F: Float>(x: &Tensor<F>, out: &mut Tensor<F>, #[define(F)] 
 
 /// The sum of `value` over the cube's `NORM_UNITS` units, returned to every unit (a tree in shared memory).
 #[cube]
-fn cube_sum(value: f32) -> f32 {
+pub(crate) fn cube_sum(value: f32) -> f32 {
     let u = UNIT_POS as usize;
     let mut parts = Shared::<[f32]>::new_slice(NORM_UNITS as usize);
     parts[u] = value;
@@ -545,14 +545,62 @@ unsafe fn launch_decode_attention(
     out
 }
 
-/// What [`row_matmul_kernel`] does besides the product, in the same launch.
-struct RowExtras {
+/// What a one-row product kernel ([`row_matmul_kernel`], the packed product in `quant::cube`) does
+/// besides the product, in the same launch.
+pub(crate) struct RowExtras {
     /// RMSNorm of the input first, with this weight `[k]` and epsilon.
-    norm: Option<(FloatTensor<CubeBackend>, f32)>,
+    pub norm: Option<(FloatTensor<CubeBackend>, f32)>,
     /// SwiGLU's `silu(gate) · up` of the product's two halves.
-    silu: bool,
+    pub silu: bool,
     /// Added to the product (`[m, n]`).
-    residual: Option<FloatTensor<CubeBackend>>,
+    pub residual: Option<FloatTensor<CubeBackend>>,
+}
+
+impl RowExtras {
+    /// Outputs of a product of `m` input rows by a weight of `rows` rows of `k`: `rows`, or half of
+    /// them with `silu` (`what` names the product in the messages of broken invariants).
+    pub fn outputs(&self, rows: usize, what: &str) -> usize {
+        assert!(
+            !self.silu || rows.is_multiple_of(2),
+            "{what} silu: {rows} weight rows are not gate and up rows one after the other"
+        );
+        if self.silu { rows / 2 } else { rows }
+    }
+
+    /// The norm's weight (contiguous), its epsilon and the residual (contiguous), checked against a
+    /// product of `m` rows of `k` values into `n` outputs.
+    pub fn prepare(
+        self,
+        m: usize,
+        k: usize,
+        n: usize,
+        what: &str,
+    ) -> (
+        Option<FloatTensor<CubeBackend>>,
+        f32,
+        Option<FloatTensor<CubeBackend>>,
+    ) {
+        let (gamma, eps) = match self.norm {
+            Some((gamma, eps)) => (Some(into_contiguous(gamma)), eps),
+            None => (None, 0.0),
+        };
+        let residual = self.residual.map(into_contiguous);
+        if let Some(g) = &gamma {
+            assert_eq!(
+                g.meta.shape().to_vec(),
+                [k],
+                "{what} norm: weight is not [{k}]"
+            );
+        }
+        if let Some(r) = &residual {
+            assert_eq!(
+                r.meta.shape().to_vec(),
+                [m, n],
+                "{what} add: residual is not [{m}, {n}]"
+            );
+        }
+        (gamma, eps, residual)
+    }
 }
 
 /// `x` `[m, k]` times the transpose of `w` `[n, k]` for a few rows, with `extras`, in one launch of
@@ -571,34 +619,12 @@ fn row_product(
         "row_matmul: x {xd:?} and w {wd:?} (one row per output) do not chain"
     );
     let silu = extras.silu;
-    assert!(
-        !silu || wd[0].is_multiple_of(2),
-        "row_matmul silu: w {wd:?} is not gate and up rows one after the other"
-    );
-    let n = if silu { wd[0] / 2 } else { wd[0] };
+    let n = extras.outputs(wd[0], "row_matmul");
     let out = empty_like(&x, Shape::new([m, n]));
     if m == 0 || n == 0 {
         return out;
     }
-    let (gamma, eps) = match extras.norm {
-        Some((gamma, eps)) => (Some(into_contiguous(gamma)), eps),
-        None => (None, 0.0),
-    };
-    let residual = extras.residual.map(into_contiguous);
-    if let Some(g) = &gamma {
-        assert_eq!(
-            g.meta.shape().to_vec(),
-            [k],
-            "row_matmul norm: weight is not [{k}]"
-        );
-    }
-    if let Some(r) = &residual {
-        assert_eq!(
-            r.meta.shape().to_vec(),
-            [m, n],
-            "row_matmul add: residual is not [{m}, {n}]"
-        );
-    }
+    let (gamma, eps, residual) = extras.prepare(m, k, n, "row_matmul");
     let (norm, add) = (gamma.is_some(), residual.is_some());
     let cubes = n.div_ceil(ROW_ROWS as usize);
     let cubes_x = cubes.clamp(1, MAX_CUBES_X);

@@ -9,6 +9,8 @@ use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use super::extension;
 use super::pack::{GROUP, Packed};
+use crate::fused::activation::silu_mul;
+use crate::fused::rms_norm::rms_norm;
 use crate::kernels;
 
 /// Most values a matrix product dequantises at once (64 MiB in f32).
@@ -130,6 +132,54 @@ impl QuantizedMatrix {
             .map(|w| x.clone().matmul(w.transpose()))
             .collect();
         side_by_side(outs)
+    }
+
+    /// Whether [`Self::norm_matmul_t`] and [`Self::matmul_t_add`] of `x` take their steps in the packed
+    /// product's one launch: a CubeCL device, at most [`extension::FUSED_MAX_ROWS`] rows (decoding),
+    /// `x` in the matrix's type.
+    pub fn fuses(&self, x: &Tensor<2>) -> bool {
+        let device = x.device();
+        x.dims()[0] <= extension::FUSED_MAX_ROWS
+            && x.dtype() == self.dtype()
+            && kernels::on_cube(&device)
+            && kernels::applies(&device, x.dtype())
+    }
+
+    /// [`Self::matmul_t`] of `x`'s RMSNorm with `gamma` `[cols]` (`eps`): `[m, rows]`; with `silu`, the
+    /// matrix's rows being SwiGLU's gate rows then its up rows, `silu(gate) · up`: `[m, rows / 2]`.
+    pub fn norm_matmul_t(&self, x: Tensor<2>, gamma: Tensor<1>, eps: f64, silu: bool) -> Tensor<2> {
+        if !self.fuses(&x) {
+            let y = self.matmul_t(rms_norm(x, gamma, eps));
+            return if silu { silu_mul(y) } else { y };
+        }
+        extension::packed_norm_matmul(
+            x,
+            gamma,
+            self.codes.val(),
+            self.group_params.val(),
+            self.supers.val(),
+            self.bits,
+            self.groups_per_super,
+            eps as f32,
+            silu,
+        )
+    }
+
+    /// `residual` `[m, rows]` plus [`Self::matmul_t`] of `x` (the residual stream after a sublayer's
+    /// output projection).
+    pub fn matmul_t_add(&self, x: Tensor<2>, residual: Tensor<2>) -> Tensor<2> {
+        if !self.fuses(&x) {
+            return residual + self.matmul_t(x);
+        }
+        extension::packed_matmul_add(
+            x,
+            self.codes.val(),
+            self.group_params.val(),
+            self.supers.val(),
+            residual,
+            self.bits,
+            self.groups_per_super,
+        )
     }
 
     /// Consecutive row ranges of at most `max_values` values (at least one row), each dequantised,

@@ -231,8 +231,10 @@ fn quantisation_cuts_the_weight_memory() {
     }
 }
 
-/// The same quantised fixture on wgpu (lavapipe here) and on the CPU: the shifts and masks that unpack the
-/// codes must mean the same on both (WGSL has no 8-bit integers, hence the 32-bit words).
+/// The same quantised fixture on wgpu (lavapipe here) and on the CPU, over a prompt and three decoding
+/// steps: the shifts and masks that unpack the codes must mean the same on both (WGSL has no 8-bit
+/// integers, hence the 32-bit words), and the steps decoding takes in the packed product's launch the
+/// same as the CPU's separate ones.
 #[cfg(feature = "wgpu")]
 #[test]
 fn quantised_model_runs_the_same_on_wgpu() {
@@ -245,7 +247,14 @@ fn quantised_model_runs_the_same_on_wgpu() {
         let feats = m.encode_images(pixels).unwrap();
         let mut cache = m.new_cache();
         let embeds = m.embed_sequence(&ids, Some(&feats)).unwrap();
-        to_vec(m.forward(embeds, &mut cache).unwrap())
+        let mut all = to_vec(m.forward(embeds, &mut cache).unwrap());
+        // Then one position at a time, as decoding goes (on a GPU the packed product's launch takes the
+        // norm, SwiGLU's activation and the residual sums).
+        for id in [17, 230, 5] {
+            let embeds = m.embed_sequence(&[id], None).unwrap();
+            all.extend(to_vec(m.forward(embeds, &mut cache).unwrap()));
+        }
+        all
     };
     let gpu = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
     for quant in [Quantization::Int8, Quantization::Int4] {
