@@ -8,6 +8,9 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Dispatch, TensorMetadata, backend_extension};
 use burn::tensor::{Shape, Slice, Tensor};
 
+#[cfg(feature = "fusion")]
+use burn::backend::fusion::custom::TensorSpec;
+
 /// Largest head dimension [`FusedOps::decode_attention`] takes.
 pub const ATTENTION_MAX_HEAD_DIM: usize = 256;
 
@@ -100,8 +103,8 @@ pub trait FusedOps: burn::backend::Backend {
     /// into the caches `k`, `v` `[b, kv_heads, capacity, d]` at `position`, and the query attending
     /// positions `0..=position`. Returns the attention `[b, 1, heads · d]` and the caches. By default
     /// [`FusedOps::rope_heads`] twice, two cache writes and [`FusedOps::decode_attention`]; one kernel on
-    /// CubeCL runtimes.
-    #[fusion(default)]
+    /// CubeCL runtimes (with the fusion backend too: declared to it as one opaque operation).
+    #[fusion(meta = |qkv, _cos, _sin, k, v, heads, _position, _scale| step_meta(qkv, k, v, *heads))]
     #[allow(clippy::too_many_arguments)]
     fn decode_step(
         qkv: FloatTensor<Self>,
@@ -165,6 +168,20 @@ fn heads_shape(qkv: &Shape, table: &Shape, heads: usize) -> Shape {
 #[cfg(feature = "fusion")]
 fn row_product_shape(x: &Shape, w: &Shape, silu: bool) -> Shape {
     Shape::new([x[0], if silu { w[0] / 2 } else { w[0] }])
+}
+
+/// [`FusedOps::decode_step`]'s outputs for `qkv` `[b, 1, w]` and caches `k`, `v` `[b, kv_heads, capacity,
+/// d]`: the attention `[b, 1, heads · d]` in `qkv`'s type and the caches as they were (declared to the
+/// fusion backend).
+#[cfg(feature = "fusion")]
+fn step_meta(
+    qkv: &TensorSpec,
+    k: &TensorSpec,
+    v: &TensorSpec,
+    heads: usize,
+) -> (TensorSpec, TensorSpec, TensorSpec) {
+    let out = Shape::new([qkv.shape[0], 1, heads * k.shape[3]]);
+    (TensorSpec::new(out, qkv.dtype), k.clone(), v.clone())
 }
 
 /// `[b, 1, heads · d]` for `q` `[b, heads, 1, d]` (declared to the fusion backend).
