@@ -2,6 +2,7 @@
 //! pass each instead of the tensor ops' three to ten, computed in f32 whatever the tensors' type.
 
 use burn::backend::cubecl::dtype_to_storage_type;
+use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
 use burn::tensor::Shape;
 use burn_cubecl::CubeBackend;
@@ -9,7 +10,7 @@ use burn_cubecl::cubecl;
 use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::kernel::into_contiguous;
 
-use super::extension::FusedOps;
+use super::extension::{FusedOps, norm_then};
 use crate::kernels::device::{MAX_CUBES_X, cubes, empty_like, per_value};
 
 /// Units per cube of the RMSNorm kernel (one cube per row).
@@ -557,8 +558,52 @@ pub(crate) struct RowExtras {
 }
 
 impl RowExtras {
-    /// Outputs of a product of `m` input rows by a weight of `rows` rows of `k`: `rows`, or half of
-    /// them with `silu` (`what` names the product in the messages of broken invariants).
+    /// The product alone.
+    pub fn none() -> Self {
+        Self {
+            norm: None,
+            silu: false,
+            residual: None,
+        }
+    }
+
+    /// The product of the input's RMSNorm (`norm` `[k]`, `eps`), with `silu` SwiGLU's activation after.
+    pub fn normed(norm: FloatTensor<CubeBackend>, eps: f32, silu: bool) -> Self {
+        Self {
+            norm: Some((norm, eps)),
+            silu,
+            residual: None,
+        }
+    }
+
+    /// `residual` `[m, n]` plus the product.
+    pub fn plus(residual: FloatTensor<CubeBackend>) -> Self {
+        Self {
+            residual: Some(residual),
+            ..Self::none()
+        }
+    }
+
+    /// The extras around `product` of `x`, each step in a pass of its own (where one launch does not
+    /// take them).
+    pub fn apart(
+        self,
+        x: FloatTensor<CubeBackend>,
+        product: impl FnOnce(FloatTensor<CubeBackend>) -> FloatTensor<CubeBackend>,
+    ) -> FloatTensor<CubeBackend> {
+        let y = match self.norm {
+            Some((norm, eps)) => norm_then::<CubeBackend>(x, norm, eps, self.silu, product),
+            None if self.silu => CubeBackend::silu_mul(product(x)),
+            None => product(x),
+        };
+        match self.residual {
+            Some(residual) => CubeBackend::float_add(residual, y),
+            None => y,
+        }
+    }
+
+    /// Outputs of a product by a weight of `rows` rows: `rows`, or half of them with `silu` (`what`
+    /// names the product in the messages of broken invariants).
     pub fn outputs(&self, rows: usize, what: &str) -> usize {
         assert!(
             !self.silu || rows.is_multiple_of(2),
@@ -665,12 +710,7 @@ fn row_product(
 
 impl FusedOps for CubeBackend {
     fn row_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
-        let extras = RowExtras {
-            norm: None,
-            silu: false,
-            residual: None,
-        };
-        row_product(x, w, extras)
+        row_product(x, w, RowExtras::none())
     }
 
     fn norm_row_matmul(
@@ -680,12 +720,7 @@ impl FusedOps for CubeBackend {
         eps: f32,
         silu: bool,
     ) -> FloatTensor<Self> {
-        let extras = RowExtras {
-            norm: Some((norm, eps)),
-            silu,
-            residual: None,
-        };
-        row_product(x, w, extras)
+        row_product(x, w, RowExtras::normed(norm, eps, silu))
     }
 
     fn row_matmul_add(
@@ -693,12 +728,7 @@ impl FusedOps for CubeBackend {
         w: FloatTensor<Self>,
         residual: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let extras = RowExtras {
-            norm: None,
-            silu: false,
-            residual: Some(residual),
-        };
-        row_product(x, w, extras)
+        row_product(x, w, RowExtras::plus(residual))
     }
 
     fn silu_mul(gate_up: FloatTensor<Self>) -> FloatTensor<Self> {

@@ -71,8 +71,7 @@ pub trait FusedOps: burn::backend::Backend {
         eps: f32,
         silu: bool,
     ) -> FloatTensor<Self> {
-        let y = Self::row_matmul(Self::rms_norm(x, norm, eps), w);
-        if silu { Self::silu_mul(y) } else { y }
+        norm_then::<Self>(x, norm, eps, silu, |x| Self::row_matmul(x, w))
     }
 
     /// `residual + ` [`FusedOps::row_matmul`]`(x, w)` with `residual` `[m, n]` (the residual stream after
@@ -144,6 +143,20 @@ pub trait FusedOps: burn::backend::Backend {
         let out = Self::decode_attention(q, k.clone(), v.clone(), position + 1, scale);
         (out, k, v)
     }
+}
+
+/// `product` of `x`'s RMSNorm with `norm` (`eps`), then with `silu` SwiGLU's activation of its halves, each
+/// step in its own pass: what the one-launch normed products ([`FusedOps::norm_row_matmul`], the packed
+/// one in `quant`) do where one launch does not take them.
+pub(crate) fn norm_then<B: FusedOps>(
+    x: FloatTensor<B>,
+    norm: FloatTensor<B>,
+    eps: f32,
+    silu: bool,
+    product: impl FnOnce(FloatTensor<B>) -> FloatTensor<B>,
+) -> FloatTensor<B> {
+    let y = product(B::rms_norm(x, norm, eps));
+    if silu { B::silu_mul(y) } else { y }
 }
 
 /// The shape with its last dimension halved (declared to the fusion backend).

@@ -9,7 +9,7 @@ use burn::backend::{Dispatch, backend_extension};
 use burn::tensor::Shape;
 use burn::tensor::{Int, Tensor};
 
-use crate::fused::extension::FusedOps;
+use crate::fused::extension::{FusedOps, norm_then};
 
 /// Inputs of at most this many rows take the fused product (decoding); longer ones dequantise the matrix
 /// and use the backend's matrix product.
@@ -87,19 +87,6 @@ pub trait PackedOps: burn::backend::Backend + FusedOps {
 #[cfg(feature = "fusion")]
 fn product_shape(x: &Shape, codes: &Shape) -> Shape {
     Shape::new([x[0], codes[0]])
-}
-
-/// `product` of `x`'s RMSNorm with `norm` (`eps`), then with `silu` SwiGLU's activation of its halves, each
-/// step in its own pass: [`PackedOps::packed_norm_matmul`] where one launch does not take it.
-pub(crate) fn norm_then<B: PackedOps>(
-    x: FloatTensor<B>,
-    norm: FloatTensor<B>,
-    eps: f32,
-    silu: bool,
-    product: impl FnOnce(FloatTensor<B>) -> FloatTensor<B>,
-) -> FloatTensor<B> {
-    let y = product(B::rms_norm(x, norm, eps));
-    if silu { B::silu_mul(y) } else { y }
 }
 
 /// `[m, n]` for `x` `[m, k]` and `codes` `[n, k / 32, bits]`, or `[m, n / 2]` with `silu` (declared to
