@@ -60,7 +60,16 @@ impl Linear {
         let mut dims = x.dims();
         let rows: usize = dims[..D - 1].iter().product();
         let y = match &self.weight {
-            LinearWeight::Float(w) => return linear(x, w.val(), bias),
+            LinearWeight::Float(w) => {
+                // Decoding on the CPU takes the threaded few-row product (`fused::cpu`).
+                let w = w.val();
+                let flat = x.clone().reshape([rows, dims[D - 1]]);
+                if !row_matmul::takes_cpu_kernel(&flat, &w) {
+                    return linear(x, w, bias);
+                }
+                dims[D - 1] = w.dims()[1];
+                extension::few_rows_matmul(flat, w)
+            }
             LinearWeight::FloatRows(w) => {
                 // Decoding on a GPU takes the one-row product kernel (`fused::row_matmul`).
                 let Some((flat, w)) = self.row_operands(&x) else {
@@ -203,6 +212,42 @@ impl FusedOperands<'_> {
         match self.weight {
             FusedWeight::Rows(w) => extension::row_matmul_add(self.x, *w, residual),
             FusedWeight::Packed(q) => q.matmul_t_add(self.x, residual),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Device, Distribution, Tensor, module::linear};
+
+    use super::Linear;
+    use crate::fused::row_matmul::{CPU_MAX_ROWS, takes_cpu_kernel};
+
+    /// The float layer on the CPU takes this crate's products up to [`CPU_MAX_ROWS`] rows (one row,
+    /// register tiles or, without AVX-512, Burn's) and Burn's past it: every row count gives Burn's
+    /// values, with the bias and the batch dimension kept.
+    #[test]
+    fn float_layers_on_the_cpu_match_burns_product_at_every_row_count() {
+        let device = Device::flex();
+        let (k, n) = (203, 150);
+        let w = Tensor::<2>::random([k, n], Distribution::Uniform(-1.0, 1.0), &device);
+        let b = Tensor::<1>::random([n], Distribution::Uniform(-1.0, 1.0), &device);
+        let layer = Linear::float(w.clone(), Some(b.clone()));
+        for rows in [1, 2, 5, 8, 9, 45, CPU_MAX_ROWS, CPU_MAX_ROWS + 1] {
+            let x = Tensor::<3>::random([1, rows, k], Distribution::Uniform(-1.0, 1.0), &device);
+            let flat = x.clone().reshape([rows, k]);
+            assert_eq!(
+                takes_cpu_kernel(&flat, &w),
+                rows <= CPU_MAX_ROWS,
+                "{rows} rows"
+            );
+            let want = linear(x.clone(), w.clone(), Some(b.clone()));
+            let got = layer.forward(x);
+            assert_eq!(got.dims(), [1, rows, n]);
+            got.into_data().assert_approx_eq::<f32>(
+                &want.into_data(),
+                burn::tensor::Tolerance::absolute(1e-4),
+            );
         }
     }
 }

@@ -59,6 +59,14 @@ pub trait FusedOps: burn::backend::Backend {
     #[fusion(dtype = x, shape = row_product_shape(x, w, false))]
     fn row_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
 
+    /// `x` `[m, k]` times `w` `[k, n]` (the CPU backend's `[in, out]` layout) for a few rows (decoding):
+    /// `[m, n]`. By default Burn's product; on the CPU backend, tiles of the weight on every thread
+    /// (`cpu/few_rows.rs`).
+    #[fusion(dtype = x, shape = Shape::new([x[0], w[1]]))]
+    fn few_rows_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_matmul(x, w)
+    }
+
     /// [`FusedOps::row_matmul`] of `x`'s RMSNorm with `norm` `[k]`: `[m, n]`; with `silu`, `silu(gate) ·
     /// up` of the product's halves (`w` holds SwiGLU's gate rows, then its up rows): `[m, n / 2]`. By
     /// default [`FusedOps::rms_norm`], the product and [`FusedOps::silu_mul`]; one launch on CubeCL
@@ -306,6 +314,14 @@ pub fn decode_step(
 /// [`FusedOps::row_matmul`] on tensors.
 pub fn row_matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::row_matmul(
+        x.into_dispatch(),
+        w.into_dispatch(),
+    ))
+}
+
+/// [`FusedOps::few_rows_matmul`] on tensors.
+pub fn few_rows_matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::few_rows_matmul(
         x.into_dispatch(),
         w.into_dispatch(),
     ))

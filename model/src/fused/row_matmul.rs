@@ -40,6 +40,31 @@ fn switch_on(value: Option<&str>) -> bool {
     )
 }
 
+/// Inputs of at most this many rows may take the CPU's product (which past 8 rows needs AVX-512, else
+/// hands them to Burn's).
+pub const CPU_MAX_ROWS: usize = 64;
+
+/// Whether the CPU's few-row product is on: unless `LLAVA_MED_CPU_ROW_MATMUL=0` (read once; for
+/// comparison with Burn's product).
+pub fn cpu_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| switch_on(std::env::var("LLAVA_MED_CPU_ROW_MATMUL").ok().as_deref()))
+}
+
+/// Whether `x` `[m, k]` times a float weight `[k, n]` as the CPU backend stores it takes the CPU's
+/// few-row product ([`extension::few_rows_matmul`], threaded over tiles of the weight) rather than
+/// Burn's (single-threaded gemm for decoding-sized products).
+pub fn takes_cpu_kernel(x: &Tensor<2>, w: &Tensor<2>) -> bool {
+    let ([m, k], [wk, _]) = (x.dims(), w.dims());
+    let device = x.device();
+    m <= CPU_MAX_ROWS
+        && k == wk
+        && x.dtype() == w.dtype()
+        && !kernels::on_cube(&device)
+        && kernels::applies(&device, x.dtype())
+        && cpu_enabled()
+}
+
 /// `x` `[m, k]` times the transpose of `w` `[n, k]`: `[m, n]`.
 pub fn row_matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     if takes_kernel(&x, &w) {

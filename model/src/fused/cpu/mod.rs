@@ -10,7 +10,16 @@ use super::extension::FusedOps;
 use crate::kernels::has_avx2;
 use crate::kernels::host::values;
 
+#[cfg(target_arch = "x86_64")]
+mod avx512_matmul;
+mod few_rows;
 mod prompt_attention;
+
+/// Most input rows [`few_rows`] takes without AVX-512 (at 8 it was level with gemm on the Intel CI
+/// machine; with AVX-512 it takes one row and the register tiles the rest).
+const FEW_ROWS_MAX: usize = 8;
+/// Most input rows the AVX-512 register tiles take ([`avx512_matmul`]; past it gemm was faster there).
+const TILED_MAX_ROWS: usize = crate::fused::row_matmul::CPU_MAX_ROWS;
 
 /// Values per parallel task (below it, thread hand-offs cost more than they save).
 const CHUNK: usize = 16 * 1024;
@@ -21,6 +30,29 @@ impl FusedOps for Flex {
     fn row_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         use burn::backend::ops::FloatTensorOps;
         Self::float_matmul(x, Self::float_transpose(w))
+    }
+
+    fn few_rows_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        use burn::backend::ops::FloatTensorOps;
+        let (m, k) = (x.layout().shape()[0], x.layout().shape()[1]);
+        let n = w.layout().shape()[1];
+        #[cfg(target_arch = "x86_64")]
+        let wide = avx512_matmul::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        let wide = false;
+        // One row streams the weight once across the threads (`few_rows`); more take register tiles of
+        // input rows where the CPU has AVX-512, and gemm past what either was measured to win at.
+        if (!wide && m > FEW_ROWS_MAX) || m > TILED_MAX_ROWS {
+            return Self::float_matmul(x, w);
+        }
+        let (xs, ws) = (values::<f32>(&x), values::<f32>(&w));
+        #[cfg(target_arch = "x86_64")]
+        if m > 1 && wide {
+            let out = avx512_matmul::matmul(&xs, &ws, m, k, n);
+            return FloatTensor::<Self>::from_data(TensorData::new(out, [m, n]));
+        }
+        let out = few_rows::matmul(&xs, &ws, m, k, n);
+        FloatTensor::<Self>::from_data(TensorData::new(out, [m, n]))
     }
 
     fn silu_mul(gate_up: FloatTensor<Self>) -> FloatTensor<Self> {

@@ -1,0 +1,232 @@
+//! Question-sized float products on AVX-512 CPUs: `x` `[m, k]` times a weight stored `[k, n]` (the CPU
+//! backend's layout) for 2 to 64 rows (a follow-up question's prefill, a batch's decoding step). gemm,
+//! Burn's CPU product, copies (packs) the weight into its own layout on every call and tiles rows 64 at a
+//! time: at 45 rows of the `base` shape's products it reached ~100 GFLOP/s on the Intel CI machine, where
+//! PyTorch reached 184 (BENCHMARKS.md). Here the weight is read where it lies: a panel of [`KC`] weight rows
+//! by [`NB`] columns is fetched from memory once and from cache for every further block of [`MR`] input
+//! rows, each block's sums in registers, each multiply-add one fused instruction on 16 lanes: 1.3–1.6×
+//! gemm's speed from 4 to 64 rows there. Past ~100 rows gemm's packed tiles win, so longer inputs (a
+//! first prompt, the vision tower) stay with it. Threads take ranges of column blocks, which write
+//! disjoint outputs.
+
+use std::arch::x86_64::{
+    __m512, __mmask16, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mask_storeu_ps,
+    _mm512_maskz_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
+};
+
+use rayon::prelude::*;
+
+use crate::kernels::host::SharedOut;
+
+/// Input rows per register tile.
+const MR: usize = 4;
+/// 16-lane vectors of columns per register tile: `MR` × `NV` sums, `NV` weights and a broadcast input
+/// take 31 of the 32 registers. (8 rows × 3 vectors, the other shape that fits, was 10–35 % slower
+/// below 64 rows: twice the input rows' broadcasts per weight vector.)
+const NV: usize = 6;
+/// Columns per block.
+const NB: usize = NV * 16;
+/// Weight rows per panel: `KC` × [`NB`] values (48 KiB) are read from memory for the first row block and
+/// from cache for the others.
+const KC: usize = 128;
+/// Below this many multiply-adds the product runs on the calling thread.
+const MIN_PARALLEL_MACS: usize = 1 << 20;
+
+/// Whether this CPU has AVX-512F (checked once).
+pub(super) fn available() -> bool {
+    static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVX512.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+}
+
+/// `x` `[m, k]` times `w` `[k, n]`: `[m, n]`. Only where [`available`].
+pub(super) fn matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    assert!(available(), "the AVX-512 product needs AVX-512F");
+    assert_eq!(x.len(), m * k);
+    assert_eq!(w.len(), k * n);
+    let mut out = vec![0.0f32; m * n];
+    let blocks = n.div_ceil(NB);
+    let threads = if m * k * n < MIN_PARALLEL_MACS {
+        1
+    } else {
+        rayon::current_num_threads()
+    };
+    // A few tasks per thread, so one that started late does not hold up the product.
+    let per_task = blocks.div_ceil(4 * threads).max(1);
+    let tasks = blocks.div_ceil(per_task);
+    let shared = SharedOut(out.as_mut_ptr());
+    let task = |t: usize| {
+        for b in t * per_task..((t + 1) * per_task).min(blocks) {
+            // SAFETY: `available` found AVX-512F; block `b` writes only its own columns of `out`.
+            unsafe { column_block(x, w, m, k, n, b * NB, &shared) };
+        }
+    };
+    if tasks == 1 {
+        task(0);
+    } else {
+        (0..tasks).into_par_iter().for_each(task);
+    }
+    out
+}
+
+/// Adds `x` times columns `c0..c0 + NB` (or to `n`) of `w` into `out`, panel by panel.
+///
+/// # Safety
+/// AVX-512F; no other task writes these columns of `out` (`[m, n]`).
+#[target_feature(enable = "avx512f")]
+unsafe fn column_block(
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    c0: usize,
+    out: &SharedOut,
+) {
+    let width = NB.min(n - c0);
+    let vectors = width.div_ceil(16);
+    // Lanes of the last vector inside the block.
+    let tail = width - 16 * (vectors - 1);
+    let mask: __mmask16 = if tail == 16 { !0 } else { (1u16 << tail) - 1 };
+    for k0 in (0..k).step_by(KC) {
+        let kc = KC.min(k - k0);
+        for r0 in (0..m).step_by(MR) {
+            let tile = Tile {
+                x: x[r0 * k + k0..].as_ptr(),
+                k,
+                w: w[k0 * n + c0..].as_ptr(),
+                n,
+                kc,
+                out: out.at(r0 * n + c0),
+                mask,
+            };
+            // SAFETY: the tile's rows, panel and columns lie inside `x`, `w` and `out` (below).
+            unsafe { tile.run(MR.min(m - r0), vectors) };
+        }
+    }
+}
+
+/// One register tile's operands: `rows` input rows from `x` (stride `k`), the panel's `kc` weight rows
+/// from `w` (stride `n`), and the `rows` × `16 · vectors` outputs at `out` (stride `n`), the last vector of
+/// each masked by `mask`.
+struct Tile {
+    x: *const f32,
+    k: usize,
+    w: *const f32,
+    n: usize,
+    kc: usize,
+    out: *mut f32,
+    mask: __mmask16,
+}
+
+impl Tile {
+    /// Dispatches to the register tile for `rows` (1..=MR) and `vectors` (1..=NV).
+    ///
+    /// # Safety
+    /// AVX-512F; `rows` rows of `kc` values at `x`, `kc` rows at `w` and `rows` rows at `out`, each of
+    /// `16 · (vectors - 1)` values plus the masked lanes, are in bounds.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run(&self, rows: usize, vectors: usize) {
+        macro_rules! dispatch {
+            ($($r:literal)*) => {
+                match (rows, vectors) {
+                    $(
+                        ($r, 1) => unsafe { self.fma::<$r, 1>() },
+                        ($r, 2) => unsafe { self.fma::<$r, 2>() },
+                        ($r, 3) => unsafe { self.fma::<$r, 3>() },
+                        ($r, 4) => unsafe { self.fma::<$r, 4>() },
+                        ($r, 5) => unsafe { self.fma::<$r, 5>() },
+                        ($r, 6) => unsafe { self.fma::<$r, 6>() },
+                    )*
+                    _ => unreachable!("tile of {rows} rows × {vectors} vectors"),
+                }
+            };
+        }
+        dispatch!(1 2 3 4);
+    }
+
+    /// `R` × `V` vectors of sums over the panel, then added into the outputs.
+    ///
+    /// # Safety
+    /// As [`Tile::run`] with `rows = R`, `vectors = V`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn fma<const R: usize, const V: usize>(&self) {
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        for i in 0..self.kc {
+            // SAFETY: row `i` of the panel, its last vector masked to the block's columns.
+            let weights: [__m512; V] = std::array::from_fn(|v| unsafe {
+                let p = self.w.add(i * self.n + 16 * v);
+                if v + 1 == V {
+                    _mm512_maskz_loadu_ps(self.mask, p)
+                } else {
+                    _mm512_loadu_ps(p)
+                }
+            });
+            for (r, sums) in acc.iter_mut().enumerate() {
+                // SAFETY: value `i` of input row `r`.
+                let xr = _mm512_set1_ps(unsafe { *self.x.add(r * self.k + i) });
+                for (s, wv) in sums.iter_mut().zip(&weights) {
+                    *s = _mm512_fmadd_ps(xr, *wv, *s);
+                }
+            }
+        }
+        for (r, sums) in acc.iter().enumerate() {
+            for (v, s) in sums.iter().enumerate() {
+                // SAFETY: output row `r`'s vector `v` of this block (the last one masked).
+                unsafe {
+                    let p = self.out.add(r * self.n + 16 * v);
+                    if v + 1 == V {
+                        let sum = _mm512_add_ps(_mm512_maskz_loadu_ps(self.mask, p), *s);
+                        _mm512_mask_storeu_ps(p, self.mask, sum);
+                    } else {
+                        _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *s));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pattern(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0) - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn products_match_the_reference_at_every_edge() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX-512F");
+            return;
+        }
+        // Rows past and short of a register tile, columns short of a vector and of a block, panels
+        // short of KC, and a product large enough to run in parallel.
+        for (m, k, n) in [
+            (1, 1, 1),
+            (9, 130, 17),
+            (8, 128, 48),
+            (13, 300, 101),
+            (45, 768, 784),
+            (3, 5, 49),
+        ] {
+            let (x, w) = (pattern(m * k, 1), pattern(k * n, 2));
+            let got = matmul(&x, &w, m, k, n);
+            for r in 0..m {
+                for c in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|i| x[r * k + i] as f64 * w[i * n + c] as f64)
+                        .sum();
+                    let g = got[r * n + c];
+                    assert!(
+                        (g as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "({m}, {k}, {n}) [{r}, {c}]: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}

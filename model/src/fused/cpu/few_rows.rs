@@ -1,0 +1,295 @@
+//! Decoding's float matrix products on the CPU: a few input rows times a weight stored `[in, out]` (the
+//! layout the CPU backend keeps, [`crate::linear`]). Burn's product hands these to gemm single-threaded
+//! below ~7 M multiply-adds (every product of the `base` shape), and one core reads memory at about half
+//! the speed two do (BENCHMARKS.md: 13.6 against 24–26 GB/s on the Intel CI machine), so a decoding step
+//! ran at one core's bandwidth. Here the weight is cut into tiles that each thread streams once: whole
+//! rows when the outputs are few (one contiguous block per task, the prefetcher's best case), else column
+//! blocks whose sums stay in L1; tiles that split the inputs add into their own partial sums, added up at
+//! the end.
+
+use rayon::prelude::*;
+
+use crate::kernels::host::SharedOut;
+
+/// Widest column block, in output values per input row (its sums, `rows` × this, stay in L1).
+const MAX_BLOCK: usize = 2048;
+/// Fewest weight rows a task takes (shorter runs cost more in hand-offs than they spread).
+const MIN_TASK_ROWS: usize = 64;
+/// Below this many weights the product runs on the calling thread: waking the others costs more.
+const MIN_PARALLEL_WEIGHTS: usize = 64 * 1024;
+
+/// How a product is cut into tasks: `splits` ranges of input rows times `blocks` column blocks of
+/// `width` outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tiling {
+    splits: usize,
+    blocks: usize,
+    width: usize,
+    split_rows: usize,
+}
+
+impl Tiling {
+    /// At least one task per thread where the weight is large enough to share.
+    fn new(m: usize, k: usize, n: usize, threads: usize) -> Self {
+        let widest = (MAX_BLOCK / m.max(1)).max(16);
+        let blocks = n.div_ceil(widest).max(1);
+        // Even blocks, a multiple of 16 values (whole vectors and cache lines where `n` allows).
+        let width = n.div_ceil(blocks).next_multiple_of(16).min(n.max(1));
+        let blocks = n.div_ceil(width).max(1);
+        let threads = if k * n < MIN_PARALLEL_WEIGHTS {
+            1
+        } else {
+            threads.max(1)
+        };
+        let splits = threads
+            .div_ceil(blocks)
+            .min(k.div_ceil(MIN_TASK_ROWS))
+            .max(1);
+        let split_rows = k.div_ceil(splits).max(1);
+        let splits = k.div_ceil(split_rows).max(1);
+        Self {
+            splits,
+            blocks,
+            width,
+            split_rows,
+        }
+    }
+
+    fn tasks(&self) -> usize {
+        self.splits * self.blocks
+    }
+}
+
+/// `x` `[m, k]` times `w` `[k, n]`: `[m, n]`.
+pub(super) fn matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    debug_assert_eq!(x.len(), m * k);
+    debug_assert_eq!(w.len(), k * n);
+    let tiling = Tiling::new(m, k, n, rayon::current_num_threads());
+    // One `[m, n]` partial sum per input range; each task adds into its own range's, in its own columns.
+    let mut partial = vec![0.0f32; tiling.splits * m * n];
+    let shared = SharedOut(partial.as_mut_ptr());
+    let task = |t: usize| {
+        let (split, block) = (t / tiling.blocks, t % tiling.blocks);
+        let rows = split * tiling.split_rows..((split + 1) * tiling.split_rows).min(k);
+        let c0 = block * tiling.width;
+        let width = tiling.width.min(n - c0);
+        let base = split * m * n;
+        // SAFETY: task (split, block) alone writes columns `c0..c0 + width` of the rows of partial sum
+        // `split`, and `partial` outlives the tasks.
+        let mut out: Vec<&mut [f32]> = (0..m)
+            .map(|r| unsafe { std::slice::from_raw_parts_mut(shared.at(base + r * n + c0), width) })
+            .collect();
+        tile(x, w, k, n, rows, c0, &mut out);
+    };
+    if tiling.tasks() == 1 {
+        task(0);
+    } else {
+        (0..tiling.tasks()).into_par_iter().for_each(task);
+    }
+    if tiling.splits == 1 {
+        return partial;
+    }
+    let (first, rest) = partial.split_at_mut(m * n);
+    for part in rest.chunks_exact(m * n) {
+        for (a, b) in first.iter_mut().zip(part) {
+            *a += b;
+        }
+    }
+    partial.truncate(m * n);
+    partial
+}
+
+/// Adds input rows `rows` of `x` times the weight's rows `rows`, columns `c0..c0 + out[r].len()`, into
+/// `out[r]` for each input row `r`.
+fn tile(
+    x: &[f32],
+    w: &[f32],
+    k: usize,
+    n: usize,
+    rows: std::ops::Range<usize>,
+    c0: usize,
+    out: &mut [&mut [f32]],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_fma() {
+        // SAFETY: `has_fma` found AVX2 and FMA on this CPU.
+        unsafe { tile_fma(x, w, k, n, rows, c0, out) };
+        return;
+    }
+    tile_with::<false>(x, w, k, n, rows, c0, out);
+}
+
+/// [`tile_with`] compiled for AVX2 with fused multiply-adds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn tile_fma(
+    x: &[f32],
+    w: &[f32],
+    k: usize,
+    n: usize,
+    rows: std::ops::Range<usize>,
+    c0: usize,
+    out: &mut [&mut [f32]],
+) {
+    tile_with::<true>(x, w, k, n, rows, c0, out)
+}
+
+/// `a · b + c`, fused where the build for this CPU has the instruction (elsewhere `mul_add` is a
+/// library call per value).
+#[inline(always)]
+fn mad<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
+}
+
+/// [`tile`]: four weight rows at a time, so each partial sum is loaded and stored once per four.
+#[inline(always)]
+fn tile_with<const FMA: bool>(
+    x: &[f32],
+    w: &[f32],
+    k: usize,
+    n: usize,
+    rows: std::ops::Range<usize>,
+    c0: usize,
+    out: &mut [&mut [f32]],
+) {
+    let Some(width) = out.first().map(|o| o.len()) else {
+        return;
+    };
+    let row = |i: usize| &w[i * n + c0..][..width];
+    let mut i = rows.start;
+    while i + 4 <= rows.end {
+        let (w0, w1, w2, w3) = (row(i), row(i + 1), row(i + 2), row(i + 3));
+        for (r, o) in out.iter_mut().enumerate() {
+            let xs = &x[r * k + i..][..4];
+            let (a, b, c, d) = (xs[0], xs[1], xs[2], xs[3]);
+            let weights = w0.iter().zip(w1).zip(w2).zip(w3);
+            for (o, (((&p, &q), &s), &t)) in o.iter_mut().zip(weights) {
+                *o = mad::<FMA>(
+                    d,
+                    t,
+                    mad::<FMA>(c, s, mad::<FMA>(b, q, mad::<FMA>(a, p, *o))),
+                );
+            }
+        }
+        i += 4;
+    }
+    for i in i..rows.end {
+        let wi = row(i);
+        for (r, o) in out.iter_mut().enumerate() {
+            let a = x[r * k + i];
+            for (o, &p) in o.iter_mut().zip(wi) {
+                *o = mad::<FMA>(a, p, *o);
+            }
+        }
+    }
+}
+
+/// Whether this CPU has AVX2 and FMA (checked once).
+#[cfg(target_arch = "x86_64")]
+fn has_fma() -> bool {
+    static FMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FMA.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut out = vec![0.0f64; m * n];
+        for r in 0..m {
+            for i in 0..k {
+                for c in 0..n {
+                    out[r * n + c] += x[r * k + i] as f64 * w[i * n + c] as f64;
+                }
+            }
+        }
+        out.into_iter().map(|v| v as f32).collect()
+    }
+
+    fn pattern(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0) - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn tilings_cover_the_product_and_share_it_out() {
+        for (m, k, n, threads) in [
+            (1, 768, 768, 2),
+            (1, 768, 2304, 2),
+            (1, 768, 32_000, 2),
+            (8, 4096, 6144, 16),
+            (3, 70, 33, 2),
+            (1, 16, 16, 4),
+        ] {
+            let t = Tiling::new(m, k, n, threads);
+            assert!(
+                t.width * t.blocks >= n && t.width * (t.blocks - 1) < n,
+                "{t:?}"
+            );
+            assert!(
+                t.split_rows * t.splits >= k && t.split_rows * (t.splits - 1) < k,
+                "{t:?}"
+            );
+            assert!(m * t.width <= MAX_BLOCK.max(16 * m), "{t:?}");
+            if k * n >= MIN_PARALLEL_WEIGHTS {
+                assert!(t.tasks() >= threads.min(k.div_ceil(MIN_TASK_ROWS)), "{t:?}");
+            } else {
+                assert_eq!(t.tasks(), t.blocks, "{t:?}");
+            }
+        }
+        // A square layer's weight on two threads: two contiguous halves of whole rows.
+        let square = Tiling::new(1, 768, 768, 2);
+        assert_eq!((square.splits, square.blocks), (2, 1));
+    }
+
+    #[test]
+    fn products_match_the_reference_for_every_tiling() {
+        // Shapes that take one task, input splits, column blocks, ragged edges and up to 8 rows.
+        for (m, k, n) in [
+            (1, 7, 5),
+            (1, 768, 768),
+            (2, 301, 2500),
+            (3, 1030, 130),
+            (8, 257, 4100),
+        ] {
+            let (x, w) = (pattern(m * k, 1), pattern(k * n, 2));
+            let want = reference(&x, &w, m, k, n);
+            let got = matmul(&x, &w, m, k, n);
+            assert_eq!(got.len(), want.len());
+            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                    "({m}, {k}, {n}) value {i}: {g} vs {e}"
+                );
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_portable_and_fma_builds_agree() {
+        if !has_fma() {
+            return;
+        }
+        let (m, k, n) = (2, 37, 50);
+        let (x, w) = (pattern(m * k, 3), pattern(k * n, 4));
+        let run = |fma: bool| {
+            let mut out = vec![vec![0.0f32; n]; m];
+            let mut rows: Vec<&mut [f32]> = out.iter_mut().map(|o| o.as_mut_slice()).collect();
+            if fma {
+                // SAFETY: `has_fma` found the instruction sets.
+                unsafe { tile_fma(&x, &w, k, n, 0..k, 0, &mut rows) };
+            } else {
+                tile_with::<false>(&x, &w, k, n, 0..k, 0, &mut rows);
+            }
+            out.concat()
+        };
+        for (a, b) in run(true).iter().zip(run(false)) {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
+}
