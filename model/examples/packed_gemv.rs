@@ -1,28 +1,41 @@
 //! Packed-weight matrix–vector benchmark on the CPU: one decoding step's products through one decoder layer
 //! of LLaVA-Med v1.5 7B's Mistral (fused q/k/v 4096→6144, o 4096→4096, fused gate/up 4096→28672, down
-//! 14336→4096), with
-//! weights quantised to 8 and 4 bits and in f32, `--runs N` times (default 10) after one warm-up. Prints one
-//! JSON line per format: milliseconds per layer (median, min, max), weights per second and the bytes of
-//! weights read per second, which against the machine's memory bandwidth says whether the kernel is bound by
-//! arithmetic or by memory; and the quantiser's time per weight (what loading a model with `--quant` costs).
+//! 14336→4096), with weights quantised to 8 and 4 bits and in f32, `--runs N` times (default 10) after one
+//! warm-up. f32 runs twice: through the float `Linear` layer (`f32`: this crate's threaded few-row products
+//! on the CPU, `fused/cpu/`) and through Burn's product alone (`f32-burn`: gemm). Prints one JSON line per
+//! format: milliseconds per layer (median, min, max), weights per second and the bytes of weights read per
+//! second, which against the machine's memory bandwidth says whether the kernel is bound by arithmetic or by
+//! memory; and the quantiser's time per weight (what loading a model with `--quant` costs).
 //!
 //! ```text
 //! cargo run --release -p llava-med --example packed_gemv -- [--runs N] [--rows M] [--layers L]
 //! ```
 //!
 //! `--rows` is the number of input rows (1 while decoding); `--layers` how many distinct layers' weights to
-//! cycle through (default 2, ~250 MB at 4 bits: more than any cache, so weights come from memory as in a
-//! whole model).
+//! cycle through (default 2, ~250 MB at 4 bits: more than most caches, so weights come from memory as in a
+//! whole model; the Intel CI machine's L3 is 480 MiB, `--layers 8` exceeds it).
 
 use std::time::Instant;
 
 use burn::tensor::{DType, Device, Distribution, Tensor, TensorData};
+use llava_med::linear::Linear;
 use llava_med::quant::QuantizedMatrix;
 use llava_med::quant::pack::{packed_bytes, quantize};
 use llava_med::weights::random_values;
 
 /// `[out, in]` of one Mistral-7B decoder layer's products, as this crate fuses them.
 const LAYER: [(usize, usize); 4] = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)];
+
+/// How the layer's weights are stored and multiplied.
+#[derive(Clone, Copy, PartialEq)]
+enum Format {
+    /// Packed at this many bits (`QuantizedMatrix`).
+    Int(usize),
+    /// f32 through the float `Linear` layer (the model's path).
+    Layer,
+    /// f32 through Burn's product alone.
+    Burn,
+}
 
 /// One matrix product of the layer, `x` → `x · Wᵀ`.
 type Product = Box<dyn Fn(Tensor<2>) -> Tensor<2>>;
@@ -50,25 +63,30 @@ fn main() {
     }
     let device = Device::flex();
     let weights_per_layer: usize = LAYER.iter().map(|(o, i)| o * i).sum();
-    for bits in [8usize, 4, 32] {
+    for format in [Format::Int(8), Format::Int(4), Format::Layer, Format::Burn] {
         let mut products: Vec<Product> = Vec::new();
         let mut bytes = 0usize;
         let mut quantize_s = 0.0;
         for l in 0..layers {
             for (j, &(out, inp)) in LAYER.iter().enumerate() {
                 let w = random_values((l * 8 + j) as u64 + 1, out * inp);
-                if bits == 32 {
-                    bytes += out * inp * 4;
-                    // Stored [in, out] as the float `Linear` keeps it (random values either way).
-                    let t = Tensor::<2>::from_data(TensorData::new(w, [inp, out]), &device);
-                    products.push(Box::new(move |x| x.matmul(t.clone())));
-                } else {
+                if let Format::Int(bits) = format {
                     bytes += packed_bytes(out, inp, bits, 2);
                     let t = Instant::now();
                     let packed = quantize(&w, out, inp, bits, DType::F16);
                     quantize_s += t.elapsed().as_secs_f64();
                     let m = QuantizedMatrix::upload(packed, &device, DType::F32);
                     products.push(Box::new(move |x| m.matmul_t(x)));
+                } else {
+                    bytes += out * inp * 4;
+                    // Stored [in, out] as the float `Linear` keeps it (random values either way).
+                    let t = Tensor::<2>::from_data(TensorData::new(w, [inp, out]), &device);
+                    if format == Format::Layer {
+                        let layer = Linear::float(t, None);
+                        products.push(Box::new(move |x| layer.forward(x)));
+                    } else {
+                        products.push(Box::new(move |x| x.matmul(t.clone())));
+                    }
                 }
             }
         }
@@ -92,15 +110,15 @@ fn main() {
             })
             .collect();
         let ms = median(times.clone());
-        let format = if bits == 32 {
-            "f32".to_string()
-        } else {
-            format!("int{bits}")
+        let name = match format {
+            Format::Int(bits) => format!("int{bits}"),
+            Format::Layer => "f32".to_string(),
+            Format::Burn => "f32-burn".to_string(),
         };
         println!(
             "{}",
             serde_json::json!({
-                "format": format,
+                "format": name,
                 "rows": rows,
                 "layers": layers,
                 "ms_per_layer": {
@@ -110,7 +128,7 @@ fn main() {
                 },
                 "gweights_per_s": weights_per_layer as f64 / ms / 1e6,
                 "weight_gb_per_s": bytes as f64 / layers as f64 / ms / 1e6,
-                "quantize_ns_per_weight": (bits != 32)
+                "quantize_ns_per_weight": matches!(format, Format::Int(_))
                     .then(|| quantize_s * 1e9 / (weights_per_layer * layers) as f64),
             })
         );

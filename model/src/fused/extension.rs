@@ -59,9 +59,10 @@ pub trait FusedOps: burn::backend::Backend {
     #[fusion(dtype = x, shape = row_product_shape(x, w, false))]
     fn row_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
 
-    /// `x` `[m, k]` times `w` `[k, n]` (the CPU backend's `[in, out]` layout) for a few rows (decoding):
-    /// `[m, n]`. By default Burn's product; on the CPU backend, tiles of the weight on every thread
-    /// (`cpu/few_rows.rs`).
+    /// `x` `[m, k]` times `w` `[k, n]` (the CPU backend's `[in, out]` layout) for up to
+    /// [`super::row_matmul::CPU_MAX_ROWS`] rows (decoding, a question): `[m, n]`. By default Burn's
+    /// product; on the CPU backend, one row streams tiles of the weight on every thread
+    /// (`cpu/few_rows.rs`) and more take AVX-512 register tiles (`cpu/avx512_matmul.rs`).
     #[fusion(dtype = x, shape = Shape::new([x[0], w[1]]))]
     fn few_rows_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_matmul(x, w)

@@ -42,7 +42,7 @@ fn switch_on(value: Option<&str>) -> bool {
 
 /// Inputs of at most this many rows may take the CPU's product (which past 8 rows needs AVX-512, else
 /// hands them to Burn's).
-pub const CPU_MAX_ROWS: usize = 64;
+pub const CPU_MAX_ROWS: usize = 128;
 
 /// Whether the CPU's few-row product is on: unless `LLAVA_MED_CPU_ROW_MATMUL=0` (read once; for
 /// comparison with Burn's product).

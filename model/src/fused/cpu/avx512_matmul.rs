@@ -1,13 +1,13 @@
-//! Question-sized float products on AVX-512 CPUs: `x` `[m, k]` times a weight stored `[k, n]` (the CPU
-//! backend's layout) for 2 to 64 rows (a follow-up question's prefill, a batch's decoding step). gemm,
-//! Burn's CPU product, copies (packs) the weight into its own layout on every call and tiles rows 64 at a
-//! time: at 45 rows of the `base` shape's products it reached ~100 GFLOP/s on the Intel CI machine, where
-//! PyTorch reached 184 (BENCHMARKS.md). Here the weight is read where it lies: a panel of [`KC`] weight rows
-//! by [`NB`] columns is fetched from memory once and from cache for every further block of [`MR`] input
-//! rows, each block's sums in registers, each multiply-add one fused instruction on 16 lanes: 1.3–1.6×
-//! gemm's speed from 4 to 64 rows there. Past ~100 rows gemm's packed tiles win, so longer inputs (a
-//! first prompt, the vision tower) stay with it. Threads take ranges of column blocks, which write
-//! disjoint outputs.
+//! Prompt-sized float products on AVX-512 CPUs: `x` `[m, k]` times a weight stored `[k, n]` (the CPU
+//! backend's layout) for 2 to 128 rows (a follow-up question's prefill, a text prompt, a batch's decoding
+//! step). gemm, Burn's CPU product, falls off below 128 rows: on the `base` shape's products on the Intel
+//! CI machine it reached ~100 GFLOP/s at 45–96 rows and ~200 from 128, where PyTorch reached 184 at 45
+//! rows (BENCHMARKS.md). Here a panel of [`KC`] weight rows by [`NB`] columns is fetched from memory once
+//! and used by every block of [`MR`] input rows, whose sums stay in registers, each multiply-add one
+//! fused instruction on 16 lanes: 1.3–1.7× gemm's speed from 4 to 96 rows there, level with it from 128.
+//! Longer inputs (a first prompt with an image, the vision tower) stay with gemm, tuned for more CPUs
+//! than this was. Threads take ranges of column blocks, which write disjoint outputs; each runs the
+//! input's panels in order over its blocks, so a panel of `x` is reused from cache across them.
 
 use std::arch::x86_64::{
     __m512, __mmask16, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mask_storeu_ps,
@@ -26,9 +26,13 @@ const MR: usize = 4;
 const NV: usize = 6;
 /// Columns per block.
 const NB: usize = NV * 16;
-/// Weight rows per panel: `KC` × [`NB`] values (48 KiB) are read from memory for the first row block and
-/// from cache for the others.
-const KC: usize = 128;
+/// Weight rows per panel: `KC` × [`NB`] values (24 KiB) stay in L1 across the row blocks (128, 48 KiB,
+/// was 5–10 % slower from 232 rows).
+const KC: usize = 64;
+/// Above this many input rows (two register tiles) each panel is copied into contiguous rows first: read
+/// in place, rows `n` apart fall into a few L1 sets (one when `n` is a multiple of 1,024) and evict each
+/// other before the next row block comes back to them. Below it the copy cost more than it saved.
+const PACK_MIN_ROWS: usize = 8;
 /// Below this many multiply-adds the product runs on the calling thread.
 const MIN_PARALLEL_MACS: usize = 1 << 20;
 
@@ -54,10 +58,14 @@ pub(super) fn matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<
     let per_task = blocks.div_ceil(4 * threads).max(1);
     let tasks = blocks.div_ceil(per_task);
     let shared = SharedOut(out.as_mut_ptr());
+    let pack = m > PACK_MIN_ROWS;
     let task = |t: usize| {
-        for b in t * per_task..((t + 1) * per_task).min(blocks) {
-            // SAFETY: `available` found AVX-512F; block `b` writes only its own columns of `out`.
-            unsafe { column_block(x, w, m, k, n, b * NB, &shared) };
+        let mut panel = vec![0.0f32; if pack { KC * NB } else { 0 }];
+        for k0 in (0..k).step_by(KC) {
+            for b in t * per_task..((t + 1) * per_task).min(blocks) {
+                // SAFETY: `available` found AVX-512F; block `b` writes only its own columns of `out`.
+                unsafe { column_block(x, w, m, k, n, b * NB, k0, &mut panel, &shared) };
+            }
         }
     };
     if tasks == 1 {
@@ -68,11 +76,13 @@ pub(super) fn matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<
     out
 }
 
-/// Adds `x` times columns `c0..c0 + NB` (or to `n`) of `w` into `out`, panel by panel.
+/// Adds `x` times the panel of `w` at rows `k0..k0 + KC` and columns `c0..c0 + NB` (or to the edges)
+/// into `out`, the panel copied into `panel` first unless that is empty.
 ///
 /// # Safety
 /// AVX-512F; no other task writes these columns of `out` (`[m, n]`).
 #[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn column_block(
     x: &[f32],
     w: &[f32],
@@ -80,6 +90,8 @@ unsafe fn column_block(
     k: usize,
     n: usize,
     c0: usize,
+    k0: usize,
+    panel: &mut [f32],
     out: &SharedOut,
 ) {
     let width = NB.min(n - c0);
@@ -87,21 +99,28 @@ unsafe fn column_block(
     // Lanes of the last vector inside the block.
     let tail = width - 16 * (vectors - 1);
     let mask: __mmask16 = if tail == 16 { !0 } else { (1u16 << tail) - 1 };
-    for k0 in (0..k).step_by(KC) {
-        let kc = KC.min(k - k0);
-        for r0 in (0..m).step_by(MR) {
-            let tile = Tile {
-                x: x[r0 * k + k0..].as_ptr(),
-                k,
-                w: w[k0 * n + c0..].as_ptr(),
-                n,
-                kc,
-                out: out.at(r0 * n + c0),
-                mask,
-            };
-            // SAFETY: the tile's rows, panel and columns lie inside `x`, `w` and `out` (below).
-            unsafe { tile.run(MR.min(m - r0), vectors) };
+    let kc = KC.min(k - k0);
+    let (panel_at, panel_stride) = if panel.is_empty() {
+        (w[k0 * n + c0..].as_ptr(), n)
+    } else {
+        for (i, row) in panel.chunks_exact_mut(NB).take(kc).enumerate() {
+            row[..width].copy_from_slice(&w[(k0 + i) * n + c0..][..width]);
         }
+        (panel.as_ptr(), NB)
+    };
+    for r0 in (0..m).step_by(MR) {
+        let tile = Tile {
+            x: x[r0 * k + k0..].as_ptr(),
+            k,
+            w: panel_at,
+            w_stride: panel_stride,
+            n,
+            kc,
+            out: out.at(r0 * n + c0),
+            mask,
+        };
+        // SAFETY: the tile's rows, panel and columns lie inside `x`, `w` and `out` (below).
+        unsafe { tile.run(MR.min(m - r0), vectors) };
     }
 }
 
@@ -112,6 +131,7 @@ struct Tile {
     x: *const f32,
     k: usize,
     w: *const f32,
+    w_stride: usize,
     n: usize,
     kc: usize,
     out: *mut f32,
@@ -155,7 +175,7 @@ impl Tile {
         for i in 0..self.kc {
             // SAFETY: row `i` of the panel, its last vector masked to the block's columns.
             let weights: [__m512; V] = std::array::from_fn(|v| unsafe {
-                let p = self.w.add(i * self.n + 16 * v);
+                let p = self.w.add(i * self.w_stride + 16 * v);
                 if v + 1 == V {
                     _mm512_maskz_loadu_ps(self.mask, p)
                 } else {

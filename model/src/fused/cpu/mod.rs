@@ -18,7 +18,7 @@ mod prompt_attention;
 /// Most input rows [`few_rows`] takes without AVX-512 (at 8 it was level with gemm on the Intel CI
 /// machine; with AVX-512 it takes one row and the register tiles the rest).
 const FEW_ROWS_MAX: usize = 8;
-/// Most input rows the AVX-512 register tiles take ([`avx512_matmul`]; past it gemm was faster there).
+/// Most input rows the AVX-512 register tiles take ([`avx512_matmul`]; from there gemm was level).
 const TILED_MAX_ROWS: usize = crate::fused::row_matmul::CPU_MAX_ROWS;
 
 /// Values per parallel task (below it, thread hand-offs cost more than they save).
