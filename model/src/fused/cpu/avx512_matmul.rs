@@ -226,6 +226,8 @@ mod tests {
         // Rows past and short of a register tile, columns short of a vector and of a block, panels
         // short of KC, and a product large enough to run in parallel.
         for (m, k, n) in [
+            (2, 0, 3),
+            (2, 4, 0),
             (1, 1, 1),
             (9, 130, 17),
             (8, 128, 48),

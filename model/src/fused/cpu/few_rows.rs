@@ -64,6 +64,9 @@ impl Tiling {
 pub(super) fn matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     debug_assert_eq!(x.len(), m * k);
     debug_assert_eq!(w.len(), k * n);
+    if m * n == 0 {
+        return Vec::new();
+    }
     let tiling = Tiling::new(m, k, n, rayon::current_num_threads());
     // One `[m, n]` partial sum per input range; each task adds into its own range's, in its own columns.
     let mut partial = vec![0.0f32; tiling.splits * m * n];
@@ -248,8 +251,11 @@ mod tests {
 
     #[test]
     fn products_match_the_reference_for_every_tiling() {
-        // Shapes that take one task, input splits, column blocks, ragged edges and up to 8 rows.
+        // Shapes that take one task, input splits, column blocks, ragged edges, up to 8 rows, and empty
+        // ones.
         for (m, k, n) in [
+            (1, 0, 3),
+            (1, 4, 0),
             (1, 7, 5),
             (1, 768, 768),
             (2, 301, 2500),
