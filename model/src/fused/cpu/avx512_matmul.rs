@@ -125,8 +125,8 @@ unsafe fn column_block(
 }
 
 /// One register tile's operands: `rows` input rows from `x` (stride `k`), the panel's `kc` weight rows
-/// from `w` (stride `n`), and the `rows` × `16 · vectors` outputs at `out` (stride `n`), the last vector of
-/// each masked by `mask`.
+/// from `w` (stride `w_stride`: `n` read in place, [`NB`] copied), and the `rows` × `16 · vectors` outputs
+/// at `out` (stride `n`), the last vector of each masked by `mask`.
 struct Tile {
     x: *const f32,
     k: usize,

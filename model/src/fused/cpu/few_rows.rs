@@ -1,8 +1,9 @@
-//! Decoding's float matrix products on the CPU: a few input rows times a weight stored `[in, out]` (the
-//! layout the CPU backend keeps, [`crate::linear`]). Burn's product hands these to gemm single-threaded
-//! below ~7 M multiply-adds (every product of the `base` shape), and one core reads memory at about half
-//! the speed two do (BENCHMARKS.md: 13.6 against 24–26 GB/s on the Intel CI machine), so a decoding step
-//! ran at one core's bandwidth. Here the weight is cut into tiles that each thread streams once: whole
+//! Decoding's float matrix products on the CPU: one input row (up to 8 where the CPU lacks AVX-512, whose
+//! register tiles take the rest: `avx512_matmul.rs`) times a weight stored `[in, out]` (the layout the CPU
+//! backend keeps, [`crate::linear`]). Burn's product hands these to gemm single-threaded below ~7 M
+//! multiply-adds (every decoder-layer product of the `base` shape), and one core reads memory at about
+//! half the speed two do (BENCHMARKS.md: 13.6 against 21–27 GB/s on the Intel CI machine), so a decoding
+//! step ran at one core's bandwidth. Here the weight is cut into tiles that each thread streams once: whole
 //! rows when the outputs are few (one contiguous block per task, the prefetcher's best case), else column
 //! blocks whose sums stay in L1; tiles that split the inputs add into their own partial sums, added up at
 //! the end.
