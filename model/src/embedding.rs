@@ -37,7 +37,10 @@ impl TokenEmbedding {
                 let [b, s, d] = h.dims();
                 let (flat, table) = (h.clone().reshape([b * s, d]), w.val());
                 // Decoding on a GPU: the table is already a row per output, as the one-row kernel reads.
-                if row_matmul::takes_kernel(&flat, &table) {
+                // Decoding on the CPU: the threaded product by weight rows.
+                if row_matmul::takes_kernel(&flat, &table)
+                    || row_matmul::takes_cpu_rows_kernel(&flat, &table)
+                {
                     let vocab = table.dims()[0];
                     return row_matmul::row_matmul(flat, table).reshape([b, s, vocab]);
                 }
@@ -71,29 +74,44 @@ impl TokenEmbedding {
     }
 }
 
-#[cfg(all(test, feature = "wgpu"))]
+#[cfg(test)]
 mod tests {
-    use burn::tensor::{DeviceKind, TensorData};
+    use burn::tensor::TensorData;
 
     use super::*;
     use crate::fused::test_support::{assert_close, values};
 
     /// The tied head on a GPU: a decoding step's row through the one-row kernel, a prompt's rows through
     /// Burn's product, both against sums taken on the host.
+    #[cfg(feature = "wgpu")]
     #[test]
     fn the_tied_head_projects_on_wgpu() {
-        let gpu = Device::wgpu(DeviceKind::DefaultDevice);
+        let gpu = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+        tied_head_projects(&gpu, |seq| seq == 1 && row_matmul::enabled());
+    }
+
+    /// The same on the CPU: a decoding step's row through the threaded product by weight rows, a
+    /// prompt's through Burn's.
+    #[test]
+    fn the_tied_head_projects_on_the_cpu() {
+        tied_head_projects(&Device::flex(), |seq| seq == 1 && row_matmul::cpu_enabled());
+    }
+
+    /// Projects 1 and 12 rows through a tied head on `device`, checking which take a kernel
+    /// (`kernel(rows)`) and the values against sums taken on the host.
+    fn tied_head_projects(device: &Device, kernel: impl Fn(usize) -> bool) {
         let (vocab, d) = (300, 96);
         let table: Vec<f32> = values(vocab * d).iter().map(|v| v / 50.0).collect();
         let head = TokenEmbedding::Float(Param::from_tensor(Tensor::from_data(
             TensorData::new(table.clone(), [vocab, d]),
-            &gpu,
+            device,
         )));
         for seq in [1, 12] {
             let h = values(seq * d + 7)[7..].to_vec();
-            let flat = Tensor::<2>::from_data(TensorData::new(h.clone(), [seq, d]), &gpu);
-            let kernel = row_matmul::takes_kernel(&flat, &head_table(&head));
-            assert_eq!(kernel, seq == 1 && row_matmul::enabled(), "{seq} rows");
+            let flat = Tensor::<2>::from_data(TensorData::new(h.clone(), [seq, d]), device);
+            let takes = row_matmul::takes_kernel(&flat, &head_table(&head))
+                || row_matmul::takes_cpu_rows_kernel(&flat, &head_table(&head));
+            assert_eq!(takes, kernel(seq), "{seq} rows");
             let want: Vec<f32> = (0..seq * vocab)
                 .map(|at| {
                     let (s, v) = (at / vocab, at % vocab);
@@ -102,7 +120,7 @@ mod tests {
                         .sum::<f64>() as f32
                 })
                 .collect();
-            let want = Tensor::<3>::from_data(TensorData::new(want, [1, seq, vocab]), &gpu);
+            let want = Tensor::<3>::from_data(TensorData::new(want, [1, seq, vocab]), device);
             let got = head.project(flat.reshape([1, seq, d]));
             assert_close(&format!("tied head, {seq} rows"), got, want, 1e-5);
         }

@@ -103,6 +103,75 @@ pub(super) fn matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<
     partial
 }
 
+/// `x` `[m, k]` times the transpose of `w` `[n, k]` (a weight row per output: a tied output head, which is
+/// the embedding table): `[m, n]`. Outputs are split across the threads, each task streaming its weight
+/// rows once, a dot product per input row.
+pub(super) fn matmul_t(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    debug_assert_eq!(x.len(), m * k);
+    debug_assert_eq!(w.len(), k * n);
+    let mut out = vec![0.0f32; m * n];
+    let threads = if k * n < MIN_PARALLEL_WEIGHTS {
+        1
+    } else {
+        rayon::current_num_threads()
+    };
+    let per_task = n.div_ceil(4 * threads).max(1);
+    let tasks = n.div_ceil(per_task);
+    let shared = SharedOut(out.as_mut_ptr());
+    let task = |t: usize| {
+        for o in t * per_task..((t + 1) * per_task).min(n) {
+            let row = &w[o * k..][..k];
+            for r in 0..m {
+                // SAFETY: task `t` alone writes outputs `(r, o)` of its outputs `o`, and `out` outlives
+                // the tasks.
+                unsafe { *shared.at(r * n + o) = dot(&x[r * k..][..k], row) };
+            }
+        }
+    };
+    if tasks == 1 {
+        task(0);
+    } else {
+        (0..tasks).into_par_iter().for_each(task);
+    }
+    out
+}
+
+/// Σ a·b, in AVX2 with fused multiply-adds where the CPU has them.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_fma() {
+        // SAFETY: `has_fma` found AVX2 and FMA on this CPU.
+        return unsafe { dot_fma(a, b) };
+    }
+    dot_with::<false>(a, b)
+}
+
+/// [`dot_with`] compiled for AVX2 with fused multiply-adds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn dot_fma(a: &[f32], b: &[f32]) -> f32 {
+    dot_with::<true>(a, b)
+}
+
+/// Σ a·b in 16 independent lanes (one running sum would keep the compiler from vectorising).
+#[inline(always)]
+fn dot_with<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..16 {
+            lanes[l] = mad::<FMA>(x[l], y[l], lanes[l]);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// Adds input rows `rows` of `x` times the weight's rows `rows`, columns `c0..c0 + out[r].len()`, into
 /// `out[r]` for each input row `r`.
 fn tile(
@@ -272,6 +341,35 @@ mod tests {
                     (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
                     "({m}, {k}, {n}) value {i}: {g} vs {e}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn products_by_weight_rows_match_the_reference() {
+        // One task, several, ragged lengths (past and short of 16 lanes), up to 8 rows, and empty.
+        for (m, k, n) in [
+            (1, 0, 3),
+            (2, 5, 0),
+            (1, 7, 5),
+            (1, 576, 300),
+            (3, 37, 2000),
+            (8, 100, 700),
+        ] {
+            let (x, w) = (pattern(m * k, 5), pattern(k * n, 6));
+            let got = matmul_t(&x, &w, m, k, n);
+            assert_eq!(got.len(), m * n);
+            for r in 0..m {
+                for o in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|i| x[r * k + i] as f64 * w[o * k + i] as f64)
+                        .sum();
+                    let g = got[r * n + o];
+                    assert!(
+                        (g as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "({m}, {k}, {n}) [{r}, {o}]: {g} vs {want}"
+                    );
+                }
             }
         }
     }
