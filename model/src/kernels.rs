@@ -48,6 +48,31 @@ pub fn has_avx2() -> bool {
     false
 }
 
+/// Whether this CPU has AVX2 and FMA (checked once): the fused multiply-add builds of the CPU kernels.
+pub fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static FMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *FMA.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Whether this CPU has AVX-512F (checked once).
+pub fn has_avx512f() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX512.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// Launch helpers for the CubeCL kernels.
 #[cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda"))]
 pub(crate) mod device {

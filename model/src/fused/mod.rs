@@ -47,8 +47,25 @@ pub(crate) mod test_support {
             .collect()
     }
 
-    // For the CubeCL kernels' tests (wgpu).
-    #[cfg(feature = "wgpu")]
+    /// Deterministic values in [-1, 1), different for each `seed` (the CPU products' tests).
+    pub fn unit_values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0) - 1.0)
+            .collect()
+    }
+
+    /// Asserts `got` and `want` have the same length and agree to `tol` relative to each wanted value
+    /// plus 1 (`what` names the case).
+    pub fn assert_relative(what: &str, got: &[f32], want: &[f32], tol: f32) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (i, (g, e)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - e).abs() <= tol * (1.0 + e.abs()),
+                "{what} value {i}: {g} vs {e}"
+            );
+        }
+    }
+
     /// `x` `[m, k]` times a `[k, n]` matrix given by `w(i, j)`, summed in f64 on the host.
     pub fn reference_product(
         x: &[f32],

@@ -16,6 +16,7 @@ use std::arch::x86_64::{
 
 use rayon::prelude::*;
 
+use crate::kernels::has_avx512f;
 use crate::kernels::host::SharedOut;
 
 /// Input rows per register tile.
@@ -36,15 +37,9 @@ const PACK_MIN_ROWS: usize = 8;
 /// Below this many multiply-adds the product runs on the calling thread.
 const MIN_PARALLEL_MACS: usize = 1 << 20;
 
-/// Whether this CPU has AVX-512F (checked once).
-pub(super) fn available() -> bool {
-    static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVX512.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
-}
-
-/// `x` `[m, k]` times `w` `[k, n]`: `[m, n]`. Only where [`available`].
+/// `x` `[m, k]` times `w` `[k, n]`: `[m, n]`. Only where [`has_avx512f`].
 pub(super) fn matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-    assert!(available(), "the AVX-512 product needs AVX-512F");
+    assert!(has_avx512f(), "the AVX-512 product needs AVX-512F");
     assert_eq!(x.len(), m * k);
     assert_eq!(w.len(), k * n);
     let mut out = vec![0.0f32; m * n];
@@ -63,7 +58,7 @@ pub(super) fn matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<
         let mut panel = vec![0.0f32; if pack { KC * NB } else { 0 }];
         for k0 in (0..k).step_by(KC) {
             for b in t * per_task..((t + 1) * per_task).min(blocks) {
-                // SAFETY: `available` found AVX-512F; block `b` writes only its own columns of `out`.
+                // SAFETY: `has_avx512f` found AVX-512F; block `b` writes only its own columns of `out`.
                 unsafe { column_block(x, w, m, k, n, b * NB, k0, &mut panel, &shared) };
             }
         }
@@ -210,16 +205,11 @@ impl Tile {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pattern(len: usize, seed: usize) -> Vec<f32> {
-        (0..len)
-            .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0) - 1.0)
-            .collect()
-    }
+    use crate::fused::test_support::{assert_relative, reference_product, unit_values};
 
     #[test]
     fn products_match_the_reference_at_every_edge() {
-        if !available() {
+        if !has_avx512f() {
             eprintln!("skipped: this CPU has no AVX-512F");
             return;
         }
@@ -235,20 +225,10 @@ mod tests {
             (45, 768, 784),
             (3, 5, 49),
         ] {
-            let (x, w) = (pattern(m * k, 1), pattern(k * n, 2));
+            let (x, w) = (unit_values(m * k, 1), unit_values(k * n, 2));
+            let want = reference_product(&x, m, k, n, |i, c| w[i * n + c]);
             let got = matmul(&x, &w, m, k, n);
-            for r in 0..m {
-                for c in 0..n {
-                    let want: f64 = (0..k)
-                        .map(|i| x[r * k + i] as f64 * w[i * n + c] as f64)
-                        .sum();
-                    let g = got[r * n + c];
-                    assert!(
-                        (g as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                        "({m}, {k}, {n}) [{r}, {c}]: {g} vs {want}"
-                    );
-                }
-            }
+            assert_relative(&format!("({m}, {k}, {n})"), &got, &want, 1e-4);
         }
     }
 }

@@ -10,6 +10,8 @@
 
 use rayon::prelude::*;
 
+use super::{dot_lanes, mad};
+use crate::kernels::has_avx2_fma;
 use crate::kernels::host::SharedOut;
 
 /// Widest column block, in output values per input row (its sums, `rows` × this, stay in L1).
@@ -136,40 +138,22 @@ pub(super) fn matmul_t(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Ve
     out
 }
 
-/// Σ a·b, in AVX2 with fused multiply-adds where the CPU has them.
+/// Σ a·b in 16 lanes (two AVX2 vectors, so consecutive multiply-adds do not wait on each other), in AVX2
+/// with fused multiply-adds where the CPU has them.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if has_fma() {
-        // SAFETY: `has_fma` found AVX2 and FMA on this CPU.
+    if has_avx2_fma() {
+        // SAFETY: `has_avx2_fma` found AVX2 and FMA on this CPU.
         return unsafe { dot_fma(a, b) };
     }
-    dot_with::<false>(a, b)
+    dot_lanes::<16, false>(a, b)
 }
 
-/// [`dot_with`] compiled for AVX2 with fused multiply-adds.
+/// [`dot`] compiled for AVX2 with fused multiply-adds.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn dot_fma(a: &[f32], b: &[f32]) -> f32 {
-    dot_with::<true>(a, b)
-}
-
-/// Σ a·b in 16 independent lanes (one running sum would keep the compiler from vectorising).
-#[inline(always)]
-fn dot_with<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..16 {
-            lanes[l] = mad::<FMA>(x[l], y[l], lanes[l]);
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
+    dot_lanes::<16, true>(a, b)
 }
 
 /// Adds input rows `rows` of `x` times the weight's rows `rows`, columns `c0..c0 + out[r].len()`, into
@@ -184,8 +168,8 @@ fn tile(
     out: &mut [&mut [f32]],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if has_fma() {
-        // SAFETY: `has_fma` found AVX2 and FMA on this CPU.
+    if has_avx2_fma() {
+        // SAFETY: `has_avx2_fma` found AVX2 and FMA on this CPU.
         unsafe { tile_fma(x, w, k, n, rows, c0, out) };
         return;
     }
@@ -205,13 +189,6 @@ fn tile_fma(
     out: &mut [&mut [f32]],
 ) {
     tile_with::<true>(x, w, k, n, rows, c0, out)
-}
-
-/// `a · b + c`, fused where the build for this CPU has the instruction (elsewhere `mul_add` is a
-/// library call per value).
-#[inline(always)]
-fn mad<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA { a.mul_add(b, c) } else { a * b + c }
 }
 
 /// [`tile`]: four weight rows at a time, so each partial sum is loaded and stored once per four.
@@ -257,36 +234,10 @@ fn tile_with<const FMA: bool>(
     }
 }
 
-/// Whether this CPU has AVX2 and FMA (checked once).
-#[cfg(target_arch = "x86_64")]
-fn has_fma() -> bool {
-    static FMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FMA.get_or_init(|| {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-        let mut out = vec![0.0f64; m * n];
-        for r in 0..m {
-            for i in 0..k {
-                for c in 0..n {
-                    out[r * n + c] += x[r * k + i] as f64 * w[i * n + c] as f64;
-                }
-            }
-        }
-        out.into_iter().map(|v| v as f32).collect()
-    }
-
-    fn pattern(len: usize, seed: usize) -> Vec<f32> {
-        (0..len)
-            .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0) - 1.0)
-            .collect()
-    }
+    use crate::fused::test_support::{assert_relative, reference_product, unit_values};
 
     #[test]
     fn tilings_cover_the_product_and_share_it_out() {
@@ -332,16 +283,10 @@ mod tests {
             (3, 1030, 130),
             (8, 257, 4100),
         ] {
-            let (x, w) = (pattern(m * k, 1), pattern(k * n, 2));
-            let want = reference(&x, &w, m, k, n);
+            let (x, w) = (unit_values(m * k, 1), unit_values(k * n, 2));
+            let want = reference_product(&x, m, k, n, |i, c| w[i * n + c]);
             let got = matmul(&x, &w, m, k, n);
-            assert_eq!(got.len(), want.len());
-            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
-                    "({m}, {k}, {n}) value {i}: {g} vs {e}"
-                );
-            }
+            assert_relative(&format!("({m}, {k}, {n})"), &got, &want, 1e-4);
         }
     }
 
@@ -356,37 +301,26 @@ mod tests {
             (3, 37, 2000),
             (8, 100, 700),
         ] {
-            let (x, w) = (pattern(m * k, 5), pattern(k * n, 6));
+            let (x, w) = (unit_values(m * k, 5), unit_values(k * n, 6));
+            let want = reference_product(&x, m, k, n, |i, o| w[o * k + i]);
             let got = matmul_t(&x, &w, m, k, n);
-            assert_eq!(got.len(), m * n);
-            for r in 0..m {
-                for o in 0..n {
-                    let want: f64 = (0..k)
-                        .map(|i| x[r * k + i] as f64 * w[o * k + i] as f64)
-                        .sum();
-                    let g = got[r * n + o];
-                    assert!(
-                        (g as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                        "({m}, {k}, {n}) [{r}, {o}]: {g} vs {want}"
-                    );
-                }
-            }
+            assert_relative(&format!("({m}, {k}, {n})"), &got, &want, 1e-4);
         }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_portable_and_fma_builds_agree() {
-        if !has_fma() {
+        if !has_avx2_fma() {
             return;
         }
         let (m, k, n) = (2, 37, 50);
-        let (x, w) = (pattern(m * k, 3), pattern(k * n, 4));
+        let (x, w) = (unit_values(m * k, 3), unit_values(k * n, 4));
         let run = |fma: bool| {
             let mut out = vec![vec![0.0f32; n]; m];
             let mut rows: Vec<&mut [f32]> = out.iter_mut().map(|o| o.as_mut_slice()).collect();
             if fma {
-                // SAFETY: `has_fma` found the instruction sets.
+                // SAFETY: `has_avx2_fma` found the instruction sets.
                 unsafe { tile_fma(&x, &w, k, n, 0..k, 0, &mut rows) };
             } else {
                 tile_with::<false>(&x, &w, k, n, 0..k, 0, &mut rows);

@@ -7,8 +7,8 @@ use burn::tensor::TensorData;
 use rayon::prelude::*;
 
 use super::extension::FusedOps;
-use crate::kernels::has_avx2;
 use crate::kernels::host::values;
+use crate::kernels::{has_avx2, has_avx512f};
 
 #[cfg(target_arch = "x86_64")]
 mod avx512_matmul;
@@ -43,10 +43,7 @@ impl FusedOps for Flex {
         use burn::backend::ops::FloatTensorOps;
         let (m, k) = (x.layout().shape()[0], x.layout().shape()[1]);
         let n = w.layout().shape()[1];
-        #[cfg(target_arch = "x86_64")]
-        let wide = avx512_matmul::available();
-        #[cfg(not(target_arch = "x86_64"))]
-        let wide = false;
+        let wide = has_avx512f();
         // One row streams the weight once across the threads (`few_rows`); more take register tiles of
         // input rows where the CPU has AVX-512, and gemm past what either was measured to win at.
         if (!wide && m > FEW_ROWS_MAX) || m > TILED_MAX_ROWS {
@@ -250,11 +247,17 @@ impl DecodeAttention<'_> {
     }
 }
 
-/// Σ a·b in 8 independent lanes (a single running sum would pin the additions in order and keep the
-/// compiler from vectorising).
+/// Σ a·b in 8 independent lanes.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    dot_lanes::<8, false>(a, b)
+}
+
+/// Σ a·b in `LANES` independent lanes (a single running sum would pin the additions in order and keep
+/// the compiler from vectorising), fused multiply-adds with `FMA`.
+#[inline(always)]
+fn dot_lanes<const LANES: usize, const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let tail: f32 = ca
         .remainder()
         .iter()
@@ -262,11 +265,18 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| x * y)
         .sum();
     for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            lanes[l] += x[l] * y[l];
+        for l in 0..LANES {
+            lanes[l] = mad::<FMA>(x[l], y[l], lanes[l]);
         }
     }
     lanes.iter().sum::<f32>() + tail
+}
+
+/// `a · b + c`, fused where the build for this CPU has the instruction (elsewhere `mul_add` is a
+/// library call per value).
+#[inline(always)]
+fn mad<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
 }
 
 /// The inputs of [`FusedOps::rope_heads`] on the host.

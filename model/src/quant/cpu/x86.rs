@@ -15,6 +15,7 @@ use rayon::prelude::*;
 
 use super::super::pack::GROUP;
 use super::{Packing, transposed};
+use crate::kernels::{has_avx2_fma, has_avx512f};
 
 /// The vector instruction set the kernels use on this CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,18 +27,15 @@ pub(super) enum Isa {
 }
 
 impl Isa {
-    /// The widest set this CPU has (checked once), `None` before AVX2.
+    /// The widest set this CPU has, `None` before AVX2.
     pub(super) fn detect() -> Option<Isa> {
-        static ISA: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
-        *ISA.get_or_init(|| {
-            if is_x86_feature_detected!("avx512f") {
-                Some(Isa::Avx512)
-            } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                Some(Isa::Avx2)
-            } else {
-                None
-            }
-        })
+        if has_avx512f() {
+            Some(Isa::Avx512)
+        } else if has_avx2_fma() {
+            Some(Isa::Avx2)
+        } else {
+            None
+        }
     }
 }
 
