@@ -17,7 +17,7 @@ use std::arch::x86_64::{
 use rayon::prelude::*;
 
 use crate::kernels::has_avx512f;
-use crate::kernels::host::SharedOut;
+use crate::kernels::host::{AlignedScratch, SharedOut};
 
 /// Input rows per register tile.
 const MR: usize = 4;
@@ -55,11 +55,11 @@ pub(super) fn matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<
     let shared = SharedOut(out.as_mut_ptr());
     let pack = m > PACK_MIN_ROWS;
     let task = |t: usize| {
-        let mut panel = vec![0.0f32; if pack { KC * NB } else { 0 }];
+        let mut panel = AlignedScratch::zeroed(if pack { KC * NB } else { 0 });
         for k0 in (0..k).step_by(KC) {
             for b in t * per_task..((t + 1) * per_task).min(blocks) {
                 // SAFETY: `has_avx512f` found AVX-512F; block `b` writes only its own columns of `out`.
-                unsafe { column_block(x, w, m, k, n, b * NB, k0, &mut panel, &shared) };
+                unsafe { column_block(x, w, m, k, n, b * NB, k0, panel.as_mut_slice(), &shared) };
             }
         }
     };
