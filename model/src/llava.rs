@@ -348,9 +348,7 @@ impl LlavaModel {
 
     /// Runs new positions and returns the logits of the last one only `[vocab]` (what decoding needs).
     pub fn forward_last(&self, embeds: Tensor<3>, cache: &mut KvCache) -> Result<Tensor<1>> {
-        let h = self.lm.forward_embeds(embeds, cache)?;
-        let [b, s, d] = h.dims();
-        let last = h.slice([0..b, s - 1..s, 0..d]);
+        let last = self.lm.forward_embeds_last(embeds, cache)?;
         Ok(self.lm.logits(last).flatten::<1>(0, 2))
     }
 

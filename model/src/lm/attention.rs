@@ -57,7 +57,21 @@ impl SelfAttention {
         cache: &mut KvCache,
         layer: usize,
     ) -> Tensor<3> {
-        let out = self.attend(self.qkv_proj.forward(h), rope, cache, layer);
+        let out = self.attend(self.qkv_proj.forward(h), rope, cache, layer, false);
+        self.o_proj.forward(out)
+    }
+
+    /// [`Self::forward`] with every new position's key and value written to the cache but only the last
+    /// position attended and projected: `[batch, 1, hidden]`. What the last layer of a prompt needs when
+    /// only the next token's logits are read (its other outputs feed no later layer).
+    pub fn forward_last(
+        &self,
+        h: Tensor<3>,
+        rope: &Rope,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Tensor<3> {
+        let out = self.attend(self.qkv_proj.forward(h), rope, cache, layer, true);
         self.o_proj.forward(out)
     }
 
@@ -72,7 +86,7 @@ impl SelfAttention {
         layer: usize,
     ) -> Tensor<3> {
         let qkv = self.qkv_proj.forward_normed(x.clone(), norm);
-        let out = self.attend(qkv, rope, cache, layer);
+        let out = self.attend(qkv, rope, cache, layer, false);
         self.o_proj.forward_residual(x, out)
     }
 
@@ -82,8 +96,16 @@ impl SelfAttention {
     }
 
     /// The attention of the new positions' q/k/v projections `[batch, seq, q + 2 · kv]`, the heads side
-    /// by side as the output projection takes them: `[batch, seq, q]`.
-    fn attend(&self, qkv: Tensor<3>, rope: &Rope, cache: &mut KvCache, layer: usize) -> Tensor<3> {
+    /// by side as the output projection takes them: `[batch, seq, q]`, or with `last_only` the last
+    /// position's alone, `[batch, 1, q]` (every position's key and value are cached either way).
+    fn attend(
+        &self,
+        qkv: Tensor<3>,
+        rope: &Rope,
+        cache: &mut KvCache,
+        layer: usize,
+        last_only: bool,
+    ) -> Tensor<3> {
         let [b, seq, _] = qkv.dims();
         let offset = cache.len();
         let split =
@@ -106,22 +128,29 @@ impl SelfAttention {
                 (k, v, out)
             });
         }
-        let q = rope.heads(qkv.clone(), 0, self.num_heads, offset);
+        let queries = if last_only { 1 } else { seq };
+        let q = rope.heads(
+            qkv.clone().narrow(1, seq - queries, queries),
+            0,
+            self.num_heads,
+            total - queries,
+        );
         let k = rope.heads(qkv.clone(), q_dim, self.num_kv_heads, offset);
         let v = split(qkv.narrow(2, q_dim + kv_dim, kv_dim), self.num_kv_heads);
         let (k, v) = cache.append(layer, k, v);
         if windowed {
             let mask = window_mask(
-                seq,
+                queries,
                 total,
                 self.sliding_window.unwrap_or(total),
                 &q.device(),
             )
             .unsqueeze::<4>()
-            .expand([b, self.num_heads, seq, total]);
+            .expand([b, self.num_heads, queries, total]);
             masked_attention(q, k, v, mask, scale)
         } else {
-            prompt_attention(q, k, v, seq > 1, scale)
+            // Causal: query row r sees the keys up to its own position (the last sees them all).
+            prompt_attention(q, k, v, queries > 1, scale)
         }
     }
 }
