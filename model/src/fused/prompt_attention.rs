@@ -159,21 +159,24 @@ mod tests {
     #[test]
     fn cpu_kernel_matches_burn_attention() {
         let scale = 0.125;
-        // (heads, kv_heads, seq, keys, causal)
-        for (heads, kv_heads, seq, keys, causal) in [
-            (4, 2, 150, 150, true),
-            (4, 4, 37, 190, true),
-            (6, 2, 1, 9, true),
-            (3, 3, 70, 70, false),
-            (2, 1, 65, 130, false),
+        // (heads, kv_heads, seq, keys, causal, head_dim): 7B's heads of 128 span two of the CPU
+        // tiles' column blocks, and 72 ends inside a vector.
+        for (heads, kv_heads, seq, keys, causal, d) in [
+            (4, 2, 150, 150, true, 64),
+            (4, 4, 37, 190, true, 64),
+            (6, 2, 1, 9, true, 64),
+            (3, 3, 70, 70, false, 64),
+            (2, 1, 65, 130, false, 64),
+            (2, 2, 70, 100, true, 128),
+            (2, 1, 9, 9, false, 72),
         ] {
-            let q = random([2, heads, seq, 64]);
-            let cache = || random([2, kv_heads, keys + 11, 64]).narrow(2, 0, keys);
+            let q = random([2, heads, seq, d]);
+            let cache = || random([2, kv_heads, keys + 11, d]).narrow(2, 0, keys);
             let (k, v) = (cache(), cache());
             let got = prompt_attention(q.clone(), k.clone(), v.clone(), causal, scale);
             let want = burn_attention(q, k, v, None, causal, scale);
             assert_close(
-                &format!("{heads}/{kv_heads} heads, {seq} over {keys}, causal {causal}"),
+                &format!("{heads}/{kv_heads} heads of {d}, {seq} over {keys}, causal {causal}"),
                 got,
                 want,
                 1e-5,
