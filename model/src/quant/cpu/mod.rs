@@ -501,7 +501,8 @@ mod tests {
         let isas = vector_isas();
         eprintln!("vector kernels tested here: {isas:?}");
         let n = 7;
-        for k in [96, 64, 384, 768] {
+        // Groups per row: 3, 2, 12, 24, 17 and 38 (runs of 16 and what is left; super-blocks of 1, 2, 4, 8).
+        for k in [96, 64, 384, 768, 544, 1216] {
             let w = pattern(n * k, 37, 101, 700.0);
             for bits in [4, 8] {
                 let p = quantize(&w, n, k, bits, DType::F32);
