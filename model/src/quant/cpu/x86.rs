@@ -304,34 +304,95 @@ impl Packing<'_> {
         acc: &mut [f32],
     ) {
         let (codes, params, supers) = self.row(o);
+        let groups = self.k / GROUP;
         let (mut even, mut odd) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
-        let mut mins = [0.0f32; M];
-        let mut group = |g: usize, units: (f32, f32), sums: &mut [__m256; M]| {
-            prefetch(codes, g * BITS * 4 + PREFETCH_AHEAD);
-            let (scale, min) = scale_min(params, g, units);
-            let q = unpack8::<BITS>(&codes[g * BITS * 4..][..BITS * 4]);
-            let s = _mm256_set1_ps(scale);
-            for r in 0..M {
-                let x = &xa[(r * self.k / GROUP + g) * GROUP..][..GROUP];
-                let mut dot = _mm256_mul_ps(q[0], load8(x));
-                for (i, &qi) in q.iter().enumerate().skip(1) {
-                    dot = _mm256_fmadd_ps(qi, load8(&x[8 * i..]), dot);
-                }
-                sums[r] = _mm256_fmadd_ps(dot, s, sums[r]);
-                mins[r] += min * x_sums[r * self.k / GROUP + g];
+        let mut mins = [_mm256_setzero_ps(); M];
+        let mut scales = [0.0f32; 8];
+        for g0 in (0..groups).step_by(8) {
+            let lanes = (groups - g0).min(8);
+            let (scale, min) = self.params8(params, supers, g0, lanes);
+            // SAFETY: `scales` holds 8 values.
+            unsafe { _mm256_storeu_ps(scales.as_mut_ptr(), scale) };
+            for (r, total) in mins.iter_mut().enumerate() {
+                let sums = load_first8(&x_sums[r * groups + g0..][..lanes]);
+                *total = _mm256_fmadd_ps(min, sums, *total);
             }
-        };
-        let mut units = self.group_units(supers).enumerate();
-        while let Some((g, u)) = units.next() {
-            group(g, u, &mut even);
-            if let Some((g, u)) = units.next() {
-                group(g, u, &mut odd);
+            for (j, &scale) in scales[..lanes].iter().enumerate() {
+                let g = g0 + j;
+                prefetch(codes, g * BITS * 4 + PREFETCH_AHEAD);
+                let q = unpack8::<BITS>(&codes[g * BITS * 4..][..BITS * 4]);
+                let s = _mm256_set1_ps(scale);
+                let sums = if j % 2 == 0 { &mut even } else { &mut odd };
+                for (r, sum) in sums.iter_mut().enumerate() {
+                    let x = &xa[(r * groups + g) * GROUP..][..GROUP];
+                    let mut dot = _mm256_mul_ps(q[0], load8(x));
+                    for (i, &qi) in q.iter().enumerate().skip(1) {
+                        dot = _mm256_fmadd_ps(qi, load8(&x[8 * i..]), dot);
+                    }
+                    *sum = _mm256_fmadd_ps(dot, s, *sum);
+                }
             }
         }
         for r in 0..M {
-            acc[r] = sum8(_mm256_add_ps(even[r], odd[r])) + mins[r];
+            acc[r] = sum8(_mm256_add_ps(even[r], odd[r])) + sum8(mins[r]);
         }
     }
+
+    /// [`Packing::params16`] for 8 groups in AVX2's 8 lanes.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn params8(&self, params: &[i32], supers: &[f32], g0: usize, lanes: usize) -> (__m256, __m256) {
+        let gps = self.groups_per_super;
+        let words = &params[g0 / 2..][..lanes.div_ceil(2)];
+        let word_mask = _mm_cmpgt_epi32(
+            _mm_set1_epi32(words.len() as i32),
+            _mm_setr_epi32(0, 1, 2, 3),
+        );
+        // SAFETY: the masked lanes are the words of `words`.
+        let words = unsafe { _mm_maskload_epi32(words.as_ptr(), word_mask) };
+        let p = _mm256_cvtepu16_epi32(words);
+        let code_s = _mm256_cvtepi32_ps(_mm256_and_si256(p, _mm256_set1_epi32(0xff)));
+        let code_m = _mm256_sub_ps(
+            _mm256_cvtepi32_ps(_mm256_srli_epi32::<8>(p)),
+            _mm256_set1_ps(128.0),
+        );
+        let first = 2 * (g0 / gps);
+        let pairs = &supers[first..][..2 * lanes.div_ceil(gps)];
+        let (lo, hi) = pairs.split_at(pairs.len().min(8));
+        let (lo, hi) = (load_first8(lo), load_first8(hi));
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let at_s = _mm256_slli_epi32::<1>(_mm256_srlv_epi32(
+            lane,
+            _mm256_set1_epi32(gps.trailing_zeros() as i32),
+        ));
+        let at_m = _mm256_add_epi32(at_s, _mm256_set1_epi32(1));
+        // Index i of the 16 values in `lo` and `hi`: each permuted within its 8, then the right one kept.
+        let pick = |at: __m256i| {
+            let within = _mm256_and_si256(at, _mm256_set1_epi32(7));
+            let high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(at, _mm256_set1_epi32(7)));
+            _mm256_blendv_ps(
+                _mm256_permutevar8x32_ps(lo, within),
+                _mm256_permutevar8x32_ps(hi, within),
+                high,
+            )
+        };
+        let unit_s = _mm256_div_ps(pick(at_s), _mm256_set1_ps(255.0));
+        let unit_m = _mm256_div_ps(pick(at_m), _mm256_set1_ps(127.0));
+        (_mm256_mul_ps(code_s, unit_s), _mm256_mul_ps(code_m, unit_m))
+    }
+}
+
+/// Up to 8 values of `x` in the first lanes of a vector, zeros after them.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn load_first8(x: &[f32]) -> __m256 {
+    let n = x.len().min(8) as i32;
+    let mask = _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(n),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    );
+    // SAFETY: the masked lanes are values of `x`.
+    unsafe { _mm256_maskload_ps(x.as_ptr(), mask) }
 }
 
 /// Group `g`'s scale and minimum from its parameter word and its super-block's units (S / 255, M / 127).
