@@ -45,33 +45,22 @@ impl SelfAttention {
     }
 
     /// Attends the new positions, given as normalised hidden states `h`, to themselves and everything
-    /// cached before them: the output projection's result.
+    /// cached before them: the output projection's result. With `last_only`, every new position's key and
+    /// value still go to the cache but only the last position is attended and projected (what the last
+    /// layer of a prompt needs when only the next token's logits are read).
     ///
     /// # Shapes
     /// - h: `[batch, seq, hidden]` (positions `cache.len()..cache.len() + seq`)
-    /// - output: `[batch, seq, hidden]`
+    /// - output: `[batch, seq, hidden]`, or `[batch, 1, hidden]` with `last_only`
     pub fn forward(
         &self,
         h: Tensor<3>,
         rope: &Rope,
         cache: &mut KvCache,
         layer: usize,
+        last_only: bool,
     ) -> Tensor<3> {
-        let out = self.attend(self.qkv_proj.forward(h), rope, cache, layer, false);
-        self.o_proj.forward(out)
-    }
-
-    /// [`Self::forward`] with every new position's key and value written to the cache but only the last
-    /// position attended and projected: `[batch, 1, hidden]`. What the last layer of a prompt needs when
-    /// only the next token's logits are read (its other outputs feed no later layer).
-    pub fn forward_last(
-        &self,
-        h: Tensor<3>,
-        rope: &Rope,
-        cache: &mut KvCache,
-        layer: usize,
-    ) -> Tensor<3> {
-        let out = self.attend(self.qkv_proj.forward(h), rope, cache, layer, true);
+        let out = self.attend(self.qkv_proj.forward(h), rope, cache, layer, last_only);
         self.o_proj.forward(out)
     }
 

@@ -33,7 +33,10 @@ pub struct DecoderLayer {
 impl DecoderLayer {
     /// The layer over the residual stream `x`, given `h`, its input normalisation; returns the new stream
     /// and its normalisation by `next` (the next layer's input norm, or the final one), so each residual
-    /// sum and the norm after it are one pass.
+    /// sum and the norm after it are one pass. With `last_only` (the last layer of a pass whose last
+    /// position alone is read) every position's key and value go to the cache, but attention, the output
+    /// projection and the MLP run for the last position only, whose `[batch, 1, hidden]` come back: the
+    /// other rows would feed no later layer.
     fn forward(
         &self,
         (x, h): (Tensor<3>, Tensor<3>),
@@ -41,26 +44,15 @@ impl DecoderLayer {
         rope: &Rope,
         cache: &mut KvCache,
         layer: usize,
-    ) -> (Tensor<3>, Tensor<3>) {
-        let attended = self.self_attn.forward(h, rope, cache, layer);
-        let (x, h) = self.post_attention_layernorm.forward_residual(x, attended);
-        next.forward_residual(x, self.mlp.forward(h))
-    }
-
-    /// [`Self::forward`] for the last layer of a pass whose last position alone is read: every position's
-    /// key and value go to the cache, but attention, the output projection and the MLP run for the last
-    /// position only (their other rows would feed no later layer). Returns `[batch, 1, hidden]` twice.
-    fn forward_last(
-        &self,
-        (x, h): (Tensor<3>, Tensor<3>),
-        next: &RmsNorm,
-        rope: &Rope,
-        cache: &mut KvCache,
-        layer: usize,
+        last_only: bool,
     ) -> (Tensor<3>, Tensor<3>) {
         let seq = x.dims()[1];
-        let attended = self.self_attn.forward_last(h, rope, cache, layer);
-        let x = x.narrow(1, seq - 1, 1);
+        let attended = self.self_attn.forward(h, rope, cache, layer, last_only);
+        let x = if last_only {
+            x.narrow(1, seq - 1, 1)
+        } else {
+            x
+        };
         let (x, h) = self.post_attention_layernorm.forward_residual(x, attended);
         next.forward_residual(x, self.mlp.forward(h))
     }
@@ -205,7 +197,7 @@ impl Decoder {
 
     /// [`Self::forward_embeds`] returning the last position's hidden state alone, `[batch, 1, hidden]`
     /// (what the next token's logits need): the last layer attends and projects only that position
-    /// ([`DecoderLayer::forward_last`]), ~1/layers of a prompt's work saved. The cache is the same.
+    /// ([`DecoderLayer::forward`]'s `last_only`), ~1/layers of a prompt's work saved. The cache is the same.
     pub fn forward_embeds_last(&self, x: Tensor<3>, cache: &mut KvCache) -> Result<Tensor<3>> {
         self.run(x, cache, true)
     }
@@ -233,12 +225,15 @@ impl Decoder {
                 .iter()
                 .enumerate()
                 .fold(state, |state, (i, layer)| {
-                    let next = self.norm_before(i + 1);
-                    if last_only && seq > 1 && i == last {
-                        layer.forward_last(state, next, &self.rope, cache, i)
-                    } else {
-                        layer.forward(state, next, &self.rope, cache, i)
-                    }
+                    let last_only = last_only && seq > 1 && i == last;
+                    layer.forward(
+                        state,
+                        self.norm_before(i + 1),
+                        &self.rope,
+                        cache,
+                        i,
+                        last_only,
+                    )
                 });
             h
         };

@@ -214,14 +214,11 @@ impl Packing<'_> {
         let mut scales = [0.0f32; 16];
         for g0 in (0..groups).step_by(16) {
             let lanes = (groups - g0).min(16);
-            let mask: __mmask16 = if lanes == 16 { !0 } else { (1 << lanes) - 1 };
             let (scale, min) = self.params16(params, supers, g0, lanes);
             // SAFETY: `scales` holds 16 values.
             unsafe { _mm512_storeu_ps(scales.as_mut_ptr(), scale) };
             for (r, total) in mins.iter_mut().enumerate() {
-                let at = &x_sums[r * groups + g0..][..lanes];
-                // SAFETY: the masked lanes are the `lanes` values of `at`.
-                let sums = unsafe { _mm512_maskz_loadu_ps(mask, at.as_ptr()) };
+                let sums = load_first16(&x_sums[r * groups + g0..][..lanes]);
                 *total = _mm512_fmadd_ps(min, sums, *total);
             }
             for (j, &scale) in scales[..lanes].iter().enumerate() {
@@ -273,16 +270,7 @@ impl Packing<'_> {
         let first = 2 * (g0 / gps);
         let pairs = &supers[first..][..2 * lanes.div_ceil(gps)];
         let (lo, hi) = pairs.split_at(pairs.len().min(16));
-        let part = |v: &[f32]| {
-            let mask: __mmask16 = if v.len() == 16 {
-                !0
-            } else {
-                (1 << v.len()) - 1
-            };
-            // SAFETY: the masked lanes are the values of `v`.
-            unsafe { _mm512_maskz_loadu_ps(mask, v.as_ptr()) }
-        };
-        let (lo, hi) = (part(lo), part(hi));
+        let (lo, hi) = (load_first16(lo), load_first16(hi));
         let lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         // gps is 1, 2, 4 or 8 (`pack::groups_per_super`): 2 · (j / gps).
         let at_s = _mm512_slli_epi32::<1>(_mm512_srlv_epi32(
@@ -380,6 +368,16 @@ impl Packing<'_> {
         let unit_m = _mm256_div_ps(pick(at_m), _mm256_set1_ps(127.0));
         (_mm256_mul_ps(code_s, unit_s), _mm256_mul_ps(code_m, unit_m))
     }
+}
+
+/// Up to 16 values of `x` in the first lanes of a vector, zeros after them.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn load_first16(x: &[f32]) -> __m512 {
+    let n = x.len().min(16);
+    let mask: __mmask16 = if n == 16 { !0 } else { (1 << n) - 1 };
+    // SAFETY: the masked lanes are values of `x`.
+    unsafe { _mm512_maskz_loadu_ps(mask, x.as_ptr()) }
 }
 
 /// Up to 8 values of `x` in the first lanes of a vector, zeros after them.
