@@ -73,6 +73,43 @@ pub fn has_avx512f() -> bool {
     false
 }
 
+/// Whether this CPU has AMX tiles with bf16 products that this process may use (checked once): the CPU
+/// reports AMX-TILE and AMX-BF16, has AVX-512F (the packing code's), and Linux granted the tile data
+/// state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, which fails where the kernel or a VM withholds it).
+/// `LLAVA_MED_CPU_AMX=0` turns it off (for comparison with the AVX-512 path).
+pub fn has_amx_bf16() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+    {
+        static AMX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AMX.get_or_init(|| {
+            let wanted = !matches!(
+                std::env::var("LLAVA_MED_CPU_AMX")
+                    .ok()
+                    .map(|v| v.trim().to_ascii_lowercase())
+                    .as_deref(),
+                Some("0" | "off" | "false")
+            );
+            // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
+            let leaf = std::arch::x86_64::__cpuid_count(7, 0);
+            let cpu = leaf.edx & (1 << 22) != 0 && leaf.edx & (1 << 24) != 0;
+            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+            const XFEATURE_XTILEDATA: libc::c_long = 18;
+            // SAFETY: a plain system call with integer arguments; it only changes this process's
+            // permitted extended states.
+            let granted = || unsafe {
+                libc::syscall(
+                    libc::SYS_arch_prctl,
+                    ARCH_REQ_XCOMP_PERM,
+                    XFEATURE_XTILEDATA,
+                ) == 0
+            };
+            wanted && cpu && has_avx512f() && granted()
+        })
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu")))]
+    false
+}
+
 /// Launch helpers for the CubeCL kernels.
 #[cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda"))]
 pub(crate) mod device {
@@ -145,6 +182,11 @@ pub(crate) mod host {
             let store = vec![0.0f32; len + 15];
             let start = store.as_ptr().align_offset(64);
             Self { store, start, len }
+        }
+
+        /// The address of the first aligned value.
+        pub fn as_ptr(&self) -> *const f32 {
+            self.store[self.start..].as_ptr()
         }
 
         /// The aligned values.

@@ -224,8 +224,8 @@ mod tests {
     use crate::fused::row_matmul::{CPU_MAX_ROWS, takes_cpu_kernel};
 
     /// The float layer on the CPU takes this crate's products up to [`CPU_MAX_ROWS`] rows (one row,
-    /// register tiles or, without AVX-512, Burn's) and Burn's past it: every row count gives Burn's
-    /// values, with the bias and the batch dimension kept.
+    /// register tiles or, without AVX-512, Burn's) and past it the AMX product where the CPU has one,
+    /// else Burn's: every row count gives Burn's values, with the bias and the batch dimension kept.
     #[test]
     fn float_layers_on_the_cpu_match_burns_product_at_every_row_count() {
         let device = Device::flex();
@@ -233,12 +233,12 @@ mod tests {
         let w = Tensor::<2>::random([k, n], Distribution::Uniform(-1.0, 1.0), &device);
         let b = Tensor::<1>::random([n], Distribution::Uniform(-1.0, 1.0), &device);
         let layer = Linear::float(w.clone(), Some(b.clone()));
-        for rows in [1, 2, 5, 8, 9, 45, CPU_MAX_ROWS, CPU_MAX_ROWS + 1] {
+        for rows in [1, 2, 5, 8, 9, 45, CPU_MAX_ROWS, CPU_MAX_ROWS + 1, 242] {
             let x = Tensor::<3>::random([1, rows, k], Distribution::Uniform(-1.0, 1.0), &device);
             let flat = x.clone().reshape([rows, k]);
             assert_eq!(
                 takes_cpu_kernel(&flat, &w),
-                rows <= CPU_MAX_ROWS,
+                rows <= CPU_MAX_ROWS || crate::kernels::has_amx_bf16(),
                 "{rows} rows"
             );
             let want = linear(x.clone(), w.clone(), Some(b.clone()));

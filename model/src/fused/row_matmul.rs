@@ -41,7 +41,7 @@ fn switch_on(value: Option<&str>) -> bool {
 }
 
 /// Inputs of at most this many rows may take the CPU's product (which past 8 rows needs AVX-512, else
-/// hands them to Burn's).
+/// hands them to Burn's); longer ones only where the CPU has AMX (`fused::cpu::amx_matmul`).
 pub const CPU_MAX_ROWS: usize = 128;
 
 /// Whether the CPU's few-row product is on: unless `LLAVA_MED_CPU_ROW_MATMUL=0` (read once; for
@@ -52,10 +52,15 @@ pub fn cpu_enabled() -> bool {
 }
 
 /// Whether `x` `[m, k]` times a float weight `[k, n]` as the CPU backend stores it takes the CPU's
-/// few-row product ([`extension::few_rows_matmul`], threaded over tiles of the weight) rather than
-/// Burn's (single-threaded gemm for decoding-sized products).
+/// own product ([`extension::few_rows_matmul`], threaded over tiles of the weight; any row count where
+/// the CPU has AMX) rather than Burn's (single-threaded gemm for decoding-sized products).
 pub fn takes_cpu_kernel(x: &Tensor<2>, w: &Tensor<2>) -> bool {
-    cpu_takes(x, w, w.dims()[0], CPU_MAX_ROWS)
+    let max_rows = if kernels::has_amx_bf16() {
+        usize::MAX
+    } else {
+        CPU_MAX_ROWS
+    };
+    cpu_takes(x, w, w.dims()[0], max_rows)
 }
 
 /// Whether a CPU product takes `x` `[m, k]` against a weight of `inputs` inputs: `m` at most

@@ -5,9 +5,10 @@
 //! rows (BENCHMARKS.md). Here a panel of [`KC`] weight rows by [`NB`] columns is fetched from memory once
 //! and used by every block of [`MR`] input rows, whose sums stay in registers, each multiply-add one
 //! fused instruction on 16 lanes: 1.3–1.7× gemm's speed from 4 to 96 rows there, level with it from 128.
-//! Longer inputs (a first prompt with an image, the vision tower) stay with gemm, tuned for more CPUs
-//! than this was. Threads take ranges of column blocks, which write disjoint outputs; each runs the
-//! input's panels in order over its blocks, so a panel of `x` is reused from cache across them.
+//! Longer inputs (a first prompt with an image, the vision tower) take AMX where the CPU has it
+//! (`amx_matmul.rs`), else stay with gemm, tuned for more CPUs than this was. Threads take ranges of
+//! column blocks, which write disjoint outputs; each runs the input's panels in order over its blocks,
+//! so a panel of `x` is reused from cache across them.
 
 use std::arch::x86_64::{
     __m512, __mmask16, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mask_storeu_ps,

@@ -1,0 +1,80 @@
+//! Prompt-sized float products on the CPU: this crate's (`fused::extension::few_rows_matmul`: the AMX
+//! product where the CPU has it, else the AVX-512 register tiles or Burn's) against Burn's own product
+//! (gemm) on the `base` shape's layers, at the rows a time to first token and a follow-up question go
+//! through. The two alternate run by run, so a busy machine slows both alike. Prints one JSON line per
+//! product: milliseconds (median, min, max) and GFLOP/s for each. `LLAVA_MED_CPU_AMX=0` measures the
+//! AVX-512 path as "ours".
+//!
+//! ```text
+//! cargo run --release -p llava-med --example prompt_matmul -- [--runs N]
+//! ```
+
+use std::time::Instant;
+
+use burn::tensor::{Device, Distribution, Tensor};
+use llava_med::fused::extension::few_rows_matmul;
+
+/// (layer, inputs, outputs) of the `base` shape.
+const PRODUCTS: [(&str, usize, usize); 5] = [
+    ("lm qkv", 768, 2304),
+    ("lm o / vision o", 768, 768),
+    ("lm gate/up", 768, 6144),
+    ("lm down / vision fc2", 3072, 768),
+    ("vision fc1", 768, 3072),
+];
+/// Input rows: a follow-up question (45), a text prompt, the vision tower (197), a prompt with an image.
+const ROWS: [usize; 7] = [16, 45, 64, 128, 197, 242, 512];
+
+fn stats(mut v: Vec<f64>) -> serde_json::Value {
+    v.sort_by(f64::total_cmp);
+    serde_json::json!({"median": v[v.len() / 2], "min": v[0], "max": v[v.len() - 1]})
+}
+
+fn main() {
+    let mut runs = 10usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match (a.as_str(), args.next().and_then(|v| v.parse().ok())) {
+            ("--runs", Some(n)) if n > 0 => runs = n,
+            _ => {
+                eprintln!("usage: prompt_matmul [--runs N]");
+                std::process::exit(2);
+            }
+        }
+    }
+    llava_med::host_memory::keep_freed_blocks();
+    let device = Device::flex();
+    for (name, k, n) in PRODUCTS {
+        let w = Tensor::<2>::random([k, n], Distribution::Default, &device);
+        for m in ROWS {
+            let x = Tensor::<2>::random([m, k], Distribution::Default, &device);
+            let time = |f: &dyn Fn() -> Tensor<2>| {
+                let start = Instant::now();
+                let y = f();
+                let _ = y.into_data();
+                start.elapsed().as_secs_f64() * 1e3
+            };
+            let ours = || few_rows_matmul(x.clone(), w.clone());
+            let burn = || x.clone().matmul(w.clone());
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            // One warm-up each, not reported.
+            for run in 0..=runs {
+                let (ta, tb) = (time(&ours), time(&burn));
+                if run > 0 {
+                    a.push(ta);
+                    b.push(tb);
+                }
+            }
+            let gflops = |ms: &serde_json::Value| {
+                2.0 * (m * k * n) as f64 / ms["median"].as_f64().unwrap_or(f64::NAN) / 1e6
+            };
+            let (a, b) = (stats(a), stats(b));
+            println!(
+                "{}",
+                serde_json::json!({"product": name, "m": m, "k": k, "n": n,
+                    "ours_ms": a, "burn_ms": b,
+                    "ours_gflops": gflops(&a), "burn_gflops": gflops(&b)})
+            );
+        }
+    }
+}
