@@ -54,9 +54,9 @@ pub(super) fn matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<
     if m == 0 || n == 0 || k_tiles == 0 {
         return vec![0.0; m * n];
     }
-    // Rows and columns padded to pairs of tiles; padded rows are dropped from the end for free, padded
-    // columns by a copy (none of this model's products have them).
-    let (m_pad, n_pad) = (m.next_multiple_of(2 * TILE), n.next_multiple_of(2 * TILE));
+    // Rows padded to tiles and columns to pairs of tiles; padded rows are dropped from the end for free,
+    // padded columns by a copy (none of this model's products have them).
+    let (m_pad, n_pad) = (m.next_multiple_of(TILE), n.next_multiple_of(2 * TILE));
     let a = pack_input(x, m, k, m_pad);
     let blocks = n_pad / (2 * TILE);
     let threads = rayon::current_num_threads().max(1);
@@ -70,7 +70,7 @@ pub(super) fn matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<
         k,
         n,
         n_pad,
-        row_pairs: m_pad / (2 * TILE),
+        row_tiles: m_pad / TILE,
         k_tiles,
     };
     (0..tasks).into_par_iter().for_each(|t| {
@@ -79,8 +79,8 @@ pub(super) fn matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<
         // permission; task `t` writes only the columns of its blocks, inside the buffer's capacity.
         unsafe { product.task(blocks, &shared) };
     });
-    // SAFETY: the tasks' blocks cover all `n_pad` columns, and each stored every row pair of them (the
-    // first panel's runs store all 32 × 32 sums of their block).
+    // SAFETY: the tasks' blocks cover all `n_pad` columns, and each stored every row tile of them (the
+    // first panel's runs store all the sums of their block).
     unsafe { out.set_len(m_pad * n_pad) };
     out.truncate(m * n_pad);
     if n_pad != n {
@@ -102,8 +102,8 @@ struct Product<'a> {
     n: usize,
     /// Columns of the output buffer.
     n_pad: usize,
-    /// Pairs of 16-row tiles in the packed input.
-    row_pairs: usize,
+    /// 16-row tiles in the packed input.
+    row_tiles: usize,
     k_tiles: usize,
 }
 
@@ -137,7 +137,7 @@ impl Product<'_> {
                 // SAFETY: AVX-512F (the caller); the panel is sized for `TASK_BLOCKS` blocks.
                 unsafe { weights.pack(panel.as_mut_slice()) };
                 // Each row pair's tiles (48 KiB for 8 input tiles) are reused across the group's blocks.
-                for pair in 0..self.row_pairs {
+                for pair in 0..self.row_tiles.div_ceil(2) {
                     for block in 0..group.len() {
                         let run = BlockRun {
                             a: self.a.at(tile_index(2 * pair, kt0, self.k_tiles)),
@@ -148,6 +148,7 @@ impl Product<'_> {
                             out: out.at(2 * pair * TILE * self.n_pad + c0 + 2 * block * TILE),
                             out_stride: self.n_pad * 4,
                             accumulate: kt0 > 0,
+                            two_rows: 2 * pair + 1 < self.row_tiles,
                         };
                         // SAFETY: the block's tiles lie inside the packed input and panel, and its
                         // 32 × 32 outputs inside `out`, in this task's columns.
@@ -167,7 +168,7 @@ fn tile_index(row_tile: usize, kt: usize, k_tiles: usize) -> usize {
     (row_tile * k_tiles + kt) * PLANES * TILE_VALUES
 }
 
-/// One 32 × 32 block of outputs over `k_tiles` input tiles.
+/// One 32 × 32 block of outputs (16 × 32 for an odd last row tile) over `k_tiles` input tiles.
 struct BlockRun {
     /// The packed input's tiles for the block's first 16 rows at the first input tile (the next 16
     /// rows' are `a_next_rows` values on; the planes follow each tile, the next input tile after them).
@@ -182,6 +183,8 @@ struct BlockRun {
     out_stride: usize,
     /// Whether to add to the outputs (a later panel) rather than overwrite them.
     accumulate: bool,
+    /// Whether the block has its second 16 rows (all but an odd last row tile).
+    two_rows: bool,
 }
 
 impl BlockRun {
@@ -193,6 +196,10 @@ impl BlockRun {
     /// # Safety
     /// AMX configured ([`Tiles::configure`]); the tiles and outputs named in the fields are in bounds.
     unsafe fn run(&self) {
+        if !self.two_rows {
+            // SAFETY: as the caller vouches.
+            return unsafe { self.run_one_row_tile() };
+        }
         let stride = self.out_stride;
         let out = self.out as *mut u8;
         let (o1, o2) = (64, 16 * stride);
@@ -284,6 +291,74 @@ impl BlockRun {
                 o1 = in(reg) out.add(o1),
                 o2 = in(reg) out.add(o2),
                 o3 = in(reg) out.add(o1 + o2),
+                s = in(reg) stride,
+                options(nostack),
+            );
+        }
+    }
+
+    /// [`Self::run`] for a block of one row tile: sums in tiles 0 and 1, input parts in 4, weight parts
+    /// in 6 and 7 (11 tile loads for 12 part products per input tile).
+    ///
+    /// # Safety
+    /// As [`Self::run`].
+    unsafe fn run_one_row_tile(&self) {
+        let stride = self.out_stride;
+        let out = self.out as *mut u8;
+        // SAFETY (every block below): as in `run`.
+        unsafe {
+            if self.accumulate {
+                asm!(
+                    "tileloadd tmm0, [{o} + {s}*1]",
+                    "tileloadd tmm1, [{o1} + {s}*1]",
+                    o = in(reg) out,
+                    o1 = in(reg) out.add(64),
+                    s = in(reg) stride,
+                    options(nostack, readonly),
+                );
+            } else {
+                asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
+            }
+            for kt in 0..self.k_tiles {
+                let a0 = self.a.add(kt * PLANES * TILE_VALUES);
+                let b0 = self.b.add(kt * PLANES * TILE_VALUES);
+                let b1 = b0.add(self.b_next_cols);
+                asm!(
+                    "tileloadd tmm4, [{a0} + {s}*1]",
+                    "tileloadd tmm6, [{b0} + {s}*1 + 1024]",
+                    "tileloadd tmm7, [{b1} + {s}*1 + 1024]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tileloadd tmm6, [{b0} + {s}*1 + 2048]",
+                    "tileloadd tmm7, [{b1} + {s}*1 + 2048]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tileloadd tmm6, [{b0} + {s}*1]",
+                    "tileloadd tmm7, [{b1} + {s}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tileloadd tmm4, [{a0} + {s}*1 + 2048]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tileloadd tmm4, [{a0} + {s}*1 + 1024]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tileloadd tmm6, [{b0} + {s}*1 + 1024]",
+                    "tileloadd tmm7, [{b1} + {s}*1 + 1024]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    a0 = in(reg) a0,
+                    b0 = in(reg) b0,
+                    b1 = in(reg) b1,
+                    s = in(reg) 64usize,
+                    options(nostack, readonly),
+                );
+            }
+            asm!(
+                "tilestored [{o} + {s}*1], tmm0",
+                "tilestored [{o1} + {s}*1], tmm1",
+                o = in(reg) out,
+                o1 = in(reg) out.add(64),
                 s = in(reg) stride,
                 options(nostack),
             );
