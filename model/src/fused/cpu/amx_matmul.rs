@@ -116,7 +116,33 @@ impl Product<'_> {
     #[target_feature(enable = "avx512f")]
     unsafe fn task(&self, blocks: std::ops::Range<usize>, out: &SharedOut) {
         let panel_tiles = MAX_PANEL_TILES.min(self.k_tiles);
-        let mut panel = AlignedU32::zeroed(2 * TASK_BLOCKS * panel_tiles * PLANES * TILE_VALUES);
+        let len = 2 * TASK_BLOCKS * panel_tiles * PLANES * TILE_VALUES;
+        // (The thread's panel is only taken if no task of another product, run by this thread while
+        // it waits inside this one, holds it.)
+        PANEL.with(|slot| match slot.try_borrow_mut() {
+            // SAFETY: as the caller vouches.
+            Ok(mut panel) => unsafe {
+                self.task_with(blocks, out, panel_tiles, panel.at_least(len))
+            },
+            // SAFETY: as the caller vouches.
+            Err(_) => unsafe {
+                self.task_with(blocks, out, panel_tiles, &mut AlignedU32::zeroed(len))
+            },
+        })
+    }
+
+    /// [`Self::task`] with `panel` to pack the weight's panels into.
+    ///
+    /// # Safety
+    /// As [`Self::task`].
+    #[target_feature(enable = "avx512f")]
+    unsafe fn task_with(
+        &self,
+        blocks: std::ops::Range<usize>,
+        out: &SharedOut,
+        panel_tiles: usize,
+        panel: &mut AlignedU32,
+    ) {
         // SAFETY: AMX usable (the caller); every tile is 16 rows of 64 bytes.
         unsafe { Tiles::configure() };
         for group in blocks.clone().step_by(TASK_BLOCKS) {
@@ -568,12 +594,27 @@ fn pair(lo: __m512i, hi: __m512i) -> __m512i {
     _mm512_or_si512(hi, _mm512_srli_epi32::<16>(lo))
 }
 
+thread_local! {
+    /// Each thread's weight panel, kept across tasks and products: a task packs every value it then
+    /// reads, so the buffer is zeroed only when it grows (zeroing a fresh one per task cost ~28 MiB of
+    /// writes for a 768 × 6,144 product's 48 tasks).
+    static PANEL: std::cell::RefCell<AlignedU32> = std::cell::RefCell::new(AlignedU32::zeroed(0));
+}
+
 /// A zeroed buffer of u32 starting on a 64-byte line (tile rows are whole lines).
 struct AlignedU32(AlignedScratch);
 
 impl AlignedU32 {
     fn zeroed(len: usize) -> Self {
         Self(AlignedScratch::zeroed(len))
+    }
+
+    /// This buffer, replaced by a zeroed one of `len` values if it is shorter.
+    fn at_least(&mut self, len: usize) -> &mut Self {
+        if self.as_mut_slice().len() < len {
+            *self = Self::zeroed(len);
+        }
+        self
     }
 
     fn as_mut_slice(&mut self) -> &mut [u32] {
