@@ -257,6 +257,7 @@ pub fn run(model: &LlavaModel, load_s: f64, options: &BenchOptions) -> Result<Va
         "ttft_follow_up_ms": ttft_follow_up_ms,
         "peak_host_mb": peak_host_mb(),
         "peak_device_mb": device_peak.get().map(|b| b as f64 / 1e6),
+        "cpu_paths": crate::kernels::cpu_paths(),
     }))
 }
 
@@ -338,6 +339,15 @@ mod tests {
             assert!(s["median"].as_f64() <= s["max"].as_f64(), "{key}");
         }
         assert_eq!(r["prompt_tokens"], 64);
+        // The CPU kernels' instruction sets are named, as found on this machine.
+        let paths: Vec<&str> = r["cpu_paths"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_str().unwrap())
+            .collect();
+        assert_eq!(paths, crate::kernels::cpu_paths());
+        assert_eq!(paths.contains(&"avx512f"), crate::kernels::has_avx512f());
         // GPU backends report their allocator's memory (wgpu here when built with it); the CPU does not.
         match device.memory_pool_usage() {
             Some(_) => assert!(r["peak_device_mb"].as_f64().unwrap() > 0.0, "{r}"),

@@ -110,6 +110,18 @@ pub fn has_amx_bf16() -> bool {
     false
 }
 
+/// The instruction sets this crate's CPU kernels found and use here (for reports: `bench`'s JSON).
+pub fn cpu_paths() -> Vec<&'static str> {
+    [
+        (has_avx2_fma(), "avx2+fma"),
+        (has_avx512f(), "avx512f"),
+        (has_amx_bf16(), "amx-bf16"),
+    ]
+    .into_iter()
+    .filter_map(|(on, name)| on.then_some(name))
+    .collect()
+}
+
 /// Launch helpers for the CubeCL kernels.
 #[cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda"))]
 pub(crate) mod device {
