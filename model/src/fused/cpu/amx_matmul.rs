@@ -39,8 +39,8 @@ const PLANES: usize = 3;
 const MAX_PANEL_TILES: usize = 32;
 /// Column blocks (of 32) per panel: 4 × 1,024 inputs is 768 KiB packed, in L2 with the input's tiles.
 const TASK_BLOCKS: usize = 4;
-/// How many panel units (a pair row of a column tile) ahead the packing prefetches the weight.
-const PREFETCH_UNITS: usize = 64;
+/// How many pair rows (two weight rows across a panel's columns) ahead the packing prefetches the weight.
+const PREFETCH_STEPS: usize = 8;
 
 /// `x` `[m, k]` times `w` `[k, n]`: `[m, n]`. Only where [`crate::kernels::has_amx_bf16`].
 pub(super) fn matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
@@ -483,9 +483,8 @@ impl Panel<'_> {
         [k0 + j, k0 + TILE + j]
     }
 
-    /// Splits and packs the panel into `panel`, a unit (one pair row of one column tile) at a time along
-    /// the weight's rows, prefetching the lines of the unit [`PREFETCH_UNITS`] ahead (the weight comes
-    /// from memory, a few lines of each row).
+    /// Splits and packs the panel into `panel` a pair row at a time along the weight's rows, prefetching
+    /// the rows [`PREFETCH_STEPS`] pair rows ahead (the weight comes from memory).
     ///
     /// # Safety
     /// AVX-512F.
@@ -493,31 +492,33 @@ impl Panel<'_> {
     unsafe fn pack(&self, panel: &mut [u32]) {
         assert!(panel.len() >= self.col_tiles * self.panel_tiles * PLANES * TILE_VALUES);
         assert!(self.kts <= self.panel_tiles);
-        let units = self.kts * TILE * self.col_tiles;
-        // (input tile, pair row, column tile) of a unit.
-        let unit = |u: usize| {
-            (
-                u / (self.col_tiles * TILE),
-                u / self.col_tiles % TILE,
-                u % self.col_tiles,
-            )
-        };
-        for u in 0..units {
-            if u + PREFETCH_UNITS < units {
-                let (kt, j, ct) = unit(u + PREFETCH_UNITS);
-                for r in self.rows(kt, j).into_iter().filter(|&r| r < self.k) {
-                    let at = r * self.n + self.c0 + ct * TILE;
-                    // SAFETY: a hint; `at` is inside the weight (row `r` < k, column < n).
-                    unsafe { _mm_prefetch::<_MM_HINT_T0>(self.w.as_ptr().add(at).cast()) };
+        // Pair rows in the order they are packed: (input tile, pair row j) reads weight rows k0 + j and
+        // k0 + 16 + j across the panel's columns.
+        let steps = self.kts * TILE;
+        for step in 0..steps {
+            if step + PREFETCH_STEPS < steps {
+                let ahead = step + PREFETCH_STEPS;
+                for r in self.rows(ahead / TILE, ahead % TILE) {
+                    if r < self.k {
+                        for ct in 0..self.col_tiles {
+                            let at = r * self.n + self.c0 + ct * TILE;
+                            // SAFETY: a hint; `at` is inside the weight (row `r` < k, column < n).
+                            unsafe { _mm_prefetch::<_MM_HINT_T0>(self.w.as_ptr().add(at).cast()) };
+                        }
+                    }
                 }
             }
-            let (kt, j, ct) = unit(u);
-            let c = self.c0 + ct * TILE;
-            let [lo, hi] = self.rows(kt, j).map(|r| split(load16(self.row(r), c)));
-            let at = ((ct * self.panel_tiles + kt) * PLANES * TILE + j) * TILE;
-            for p in 0..PLANES {
-                // SAFETY: `at + p · 256 + 16` is inside the panel (asserted above) and 64-byte aligned.
-                unsafe { store16(panel, at + p * TILE_VALUES, pair(lo[p], hi[p])) };
+            let (kt, j) = (step / TILE, step % TILE);
+            let [lo_row, hi_row] = self.rows(kt, j).map(|r| self.row(r));
+            for ct in 0..self.col_tiles {
+                let c = self.c0 + ct * TILE;
+                let (lo, hi) = (split(load16(lo_row, c)), split(load16(hi_row, c)));
+                let at = ((ct * self.panel_tiles + kt) * PLANES * TILE + j) * TILE;
+                for p in 0..PLANES {
+                    // SAFETY: `at + p · 256 + 16` is inside the panel (asserted above) and 64-byte
+                    // aligned.
+                    unsafe { store16(panel, at + p * TILE_VALUES, pair(lo[p], hi[p])) };
+                }
             }
         }
     }
