@@ -262,7 +262,8 @@ pub struct WeightLoader<'a> {
 
 impl WeightLoader<'static> {
     /// A loader that makes up every tensor: normal(0, 0.02) weights, unit norm scales, zero biases (so
-    /// activations stay in a realistic range). Seed the device's generator for repeatable weights.
+    /// activations stay in a realistic range). On the CPU backend the weights are the same on every run
+    /// (drawn per tensor name on the host); elsewhere, seed the device's generator for repeatable ones.
     pub fn random(device: &Device, dtype: DType) -> Self {
         WeightLoader {
             files: None,
@@ -319,6 +320,10 @@ impl WeightLoader<'_> {
             Tensor::ones(shape, (&self.device, self.dtype))
         } else if name.ends_with(".bias") {
             Tensor::zeros(shape, (&self.device, self.dtype))
+        } else if on_cpu_backend(&self.device) {
+            // Burn's generator draws one value at a time on one core (~3.5 s of the `base` shape's
+            // load); the host generator uses every core, and is the same on every machine.
+            self.upload(random_host(name, shape.iter().product()), shape.to_vec())
         } else {
             Tensor::<D>::random(shape, Distribution::Normal(0.0, 0.02), &self.device)
                 .cast(self.dtype)
@@ -501,6 +506,19 @@ impl WeightLoader<'_> {
     }
 }
 
+/// Whether `device` is the CPU backend (not wrapped for autodiff).
+fn on_cpu_backend(device: &Device) -> bool {
+    #[cfg(feature = "cpu")]
+    {
+        *device == Device::flex()
+    }
+    #[cfg(not(feature = "cpu"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
 /// Random weights for `name` (≈ N(0, 0.02), like [`WeightLoader::made_up`]'s) made on the host, where the
 /// quantiser takes them, by all cores: drawing them on the device and reading them back took most of the
 /// 72 s a random 7B model took to load with `--quant int4` on an H200 machine. Deterministic per name.
@@ -566,6 +584,29 @@ fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A random model's float weights on the CPU are the host generator's for their names: the same on
+    /// every load (and what the quantiser takes for the same names), not the device generator's.
+    #[cfg(feature = "cpu")]
+    #[test]
+    fn random_float_weights_on_the_cpu_come_from_the_host_generator() {
+        let device = Device::flex();
+        let name = "model.layers.0.mlp.down_proj.weight";
+        let made = |dtype| {
+            let mut w = WeightLoader::random(&device, dtype);
+            w.tensor(name, [3, 70])
+                .unwrap()
+                .into_data()
+                .convert::<f32>()
+        };
+        let want = TensorData::new(random_host(name, 210), [3, 70]);
+        made(DType::F32).assert_eq(&want, true);
+        made(DType::F32).assert_eq(&made(DType::F32), true);
+        // Norm scales and biases are still ones and zeros.
+        let mut w = WeightLoader::random(&device, DType::F32);
+        let ones = w.tensor("model.norm.weight", [4]).unwrap().into_data();
+        ones.assert_eq(&TensorData::new(vec![1.0f32; 4], [4]), true);
+    }
 
     #[test]
     fn host_random_weights_are_small_centred_and_repeatable() {
