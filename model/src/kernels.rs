@@ -13,14 +13,34 @@ pub fn applies(device: &Device, dtype: DType) -> bool {
     if device.is_autodiff() {
         return false;
     }
-    #[cfg(feature = "cpu")]
-    if *device == Device::flex() {
+    if on_cpu(device) {
         return dtype == DType::F32;
     }
     if on_cube(device) {
         return matches!(dtype, DType::F32 | DType::F16 | DType::BF16);
     }
     false
+}
+
+/// Whether `device` is the CPU backend (Flex) and not an autodiff device.
+pub fn on_cpu(device: &Device) -> bool {
+    #[cfg(feature = "cpu")]
+    {
+        !device.is_autodiff() && *device == Device::flex()
+    }
+    #[cfg(not(feature = "cpu"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
+/// The meaning of this crate's on/off environment switches: on unless set to `0`, `off` or `false`.
+pub fn switch_on(value: Option<&str>) -> bool {
+    !matches!(
+        value.map(|v| v.trim().to_ascii_lowercase()).as_deref(),
+        Some("0" | "off" | "false")
+    )
 }
 
 /// Whether `device` is a CubeCL runtime (wgpu, Vulkan, CUDA) and not an autodiff device: where a kernel
@@ -82,13 +102,7 @@ pub fn has_amx_bf16() -> bool {
     {
         static AMX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *AMX.get_or_init(|| {
-            let wanted = !matches!(
-                std::env::var("LLAVA_MED_CPU_AMX")
-                    .ok()
-                    .map(|v| v.trim().to_ascii_lowercase())
-                    .as_deref(),
-                Some("0" | "off" | "false")
-            );
+            let wanted = switch_on(std::env::var("LLAVA_MED_CPU_AMX").ok().as_deref());
             // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
             let leaf = std::arch::x86_64::__cpuid_count(7, 0);
             let cpu = leaf.edx & (1 << 22) != 0 && leaf.edx & (1 << 24) != 0;
@@ -232,6 +246,21 @@ pub(crate) mod host {
                 v.fill(1.0);
                 held.push(s);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::switch_on;
+
+    #[test]
+    fn switches_are_on_unless_switched_off() {
+        for on in [None, Some("1"), Some("on"), Some("")] {
+            assert!(switch_on(on), "{on:?}");
+        }
+        for off in ["0", "off", "FALSE", " 0 "] {
+            assert!(!switch_on(Some(off)), "{off:?}");
         }
     }
 }

@@ -320,7 +320,7 @@ impl WeightLoader<'_> {
             Tensor::ones(shape, (&self.device, self.dtype))
         } else if name.ends_with(".bias") {
             Tensor::zeros(shape, (&self.device, self.dtype))
-        } else if on_cpu_backend(&self.device) {
+        } else if crate::kernels::on_cpu(&self.device) {
             // Burn's generator draws one value at a time on one core (~3.5 s of the `base` shape's
             // load); the host generator uses every core, and is the same on every machine.
             self.upload(random_host(name, shape.iter().product()), shape.to_vec())
@@ -503,19 +503,6 @@ impl WeightLoader<'_> {
             ));
         }
         Ok(ignored)
-    }
-}
-
-/// Whether `device` is the CPU backend (not wrapped for autodiff).
-fn on_cpu_backend(device: &Device) -> bool {
-    #[cfg(feature = "cpu")]
-    {
-        *device == Device::flex()
-    }
-    #[cfg(not(feature = "cpu"))]
-    {
-        let _ = device;
-        false
     }
 }
 

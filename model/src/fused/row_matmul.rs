@@ -29,15 +29,9 @@ pub const ROW_MATMUL_MAX_ROWS: usize = 8;
 /// Whether the kernel is on: unless `LLAVA_MED_GPU_ROW_MATMUL=0` (read once).
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| switch_on(std::env::var("LLAVA_MED_GPU_ROW_MATMUL").ok().as_deref()))
-}
-
-/// The switch's meaning: on unless set to `0`, `off` or `false`.
-fn switch_on(value: Option<&str>) -> bool {
-    !matches!(
-        value.map(|v| v.trim().to_ascii_lowercase()).as_deref(),
-        Some("0" | "off" | "false")
-    )
+    *ON.get_or_init(|| {
+        kernels::switch_on(std::env::var("LLAVA_MED_GPU_ROW_MATMUL").ok().as_deref())
+    })
 }
 
 /// Inputs of at most this many rows may take the CPU's product (which past 8 rows needs AVX-512, else
@@ -48,7 +42,9 @@ pub const CPU_MAX_ROWS: usize = 128;
 /// comparison with Burn's product).
 pub fn cpu_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| switch_on(std::env::var("LLAVA_MED_CPU_ROW_MATMUL").ok().as_deref()))
+    *ON.get_or_init(|| {
+        kernels::switch_on(std::env::var("LLAVA_MED_CPU_ROW_MATMUL").ok().as_deref())
+    })
 }
 
 /// Whether `x` `[m, k]` times a float weight `[k, n]` as the CPU backend stores it takes the CPU's
@@ -105,21 +101,6 @@ pub fn fits_kernel(x: &Tensor<2>, w: &Tensor<2>) -> bool {
 /// Whether [`row_matmul`] runs the kernel for these operands.
 pub fn takes_kernel(x: &Tensor<2>, w: &Tensor<2>) -> bool {
     enabled() && fits_kernel(x, w)
-}
-
-#[cfg(test)]
-mod switch_tests {
-    use super::switch_on;
-
-    #[test]
-    fn the_kernel_is_on_unless_switched_off() {
-        for on in [None, Some("1"), Some("on"), Some("")] {
-            assert!(switch_on(on), "{on:?}");
-        }
-        for off in ["0", "off", "FALSE", " 0 "] {
-            assert!(!switch_on(Some(off)), "{off:?}");
-        }
-    }
 }
 
 // Run by the CubeCL kernels' tests (`fused::cube`), on wgpu.
