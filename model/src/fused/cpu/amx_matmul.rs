@@ -19,8 +19,7 @@ use std::arch::asm;
 use std::arch::x86_64::{
     __m512, __m512i, __mmask16, _MM_HINT_T0, _mm_prefetch, _mm512_add_epi32, _mm512_and_si512,
     _mm512_castps_si512, _mm512_castsi512_ps, _mm512_maskz_loadu_ps, _mm512_or_si512,
-    _mm512_set1_epi32, _mm512_setzero_si512, _mm512_srli_epi32, _mm512_store_si512,
-    _mm512_storeu_si512, _mm512_sub_ps,
+    _mm512_set1_epi32, _mm512_setzero_si512, _mm512_srli_epi32, _mm512_store_si512, _mm512_sub_ps,
 };
 
 use rayon::prelude::*;
@@ -444,9 +443,11 @@ fn pack_input(x: &[f32], m: usize, k: usize, m_pad: usize) -> AlignedU32 {
             for r in 0..TILE.min(m.saturating_sub(rt * TILE)) {
                 let row = &x[(rt * TILE + r) * k..][..k];
                 for kt in 0..k_tiles {
-                    let at = kt * PLANES * TILE_VALUES + r * TILE;
-                    // SAFETY: `has_amx_bf16` (checked by `matmul`) implies AVX-512F.
-                    unsafe { pack_pairs(row, kt * TK, &mut tiles[at..], TILE_VALUES) };
+                    let (k0, at) = (kt * TK, kt * PLANES * TILE_VALUES + r * TILE);
+                    // SAFETY: `has_amx_bf16` (checked by `matmul`) implies AVX-512F; the three planes'
+                    // slots of row `r` are inside this row tile's tiles and on 64-byte lines (the
+                    // buffer and each row tile's tiles start on one).
+                    unsafe { store_parts(load16(row, k0), load16(row, k0 + TILE), tiles, at) };
                 }
             }
         });
@@ -512,31 +513,27 @@ impl Panel<'_> {
             let [lo_row, hi_row] = self.rows(kt, j).map(|r| self.row(r));
             for ct in 0..self.col_tiles {
                 let c = self.c0 + ct * TILE;
-                let (lo, hi) = (split(load16(lo_row, c)), split(load16(hi_row, c)));
                 let at = ((ct * self.panel_tiles + kt) * PLANES * TILE + j) * TILE;
-                for p in 0..PLANES {
-                    // SAFETY: `at + p · 256 + 16` is inside the panel (asserted above) and 64-byte
-                    // aligned.
-                    unsafe { store16(panel, at + p * TILE_VALUES, pair(lo[p], hi[p])) };
-                }
+                // SAFETY: `at + 2 · 256 + 16` is inside the panel (asserted above), `at` on a
+                // 64-byte line.
+                unsafe { store_parts(load16(lo_row, c), load16(hi_row, c), panel, at) };
             }
         }
     }
 }
 
-/// Splits `row[k0..k0 + 32]` (zero past its end) into pairs `(row[k0 + i], row[k0 + 16 + i])` of each
-/// part, stored at `out[p · plane_stride..][..16]` for part `p`.
+/// Splits `lo` and `hi` into their bf16 parts and stores part `p`'s pairs (`lo`'s in the low halves) at
+/// `out[at + p · 256..][..16]`: one row of each plane's tile.
 ///
 /// # Safety
-/// AVX-512F; `out` holds `2 · plane_stride + 16` values.
+/// AVX-512F; `at + 2 · 256 + 16 ≤ out.len()` and `out[at]` on a 64-byte boundary.
 #[target_feature(enable = "avx512f")]
-unsafe fn pack_pairs(row: &[f32], k0: usize, out: &mut [u32], plane_stride: usize) {
-    let (lo, hi) = (split(load16(row, k0)), split(load16(row, k0 + TILE)));
+#[inline]
+unsafe fn store_parts(lo: __m512, hi: __m512, out: &mut [u32], at: usize) {
+    let (lo, hi) = (split(lo), split(hi));
     for p in 0..PLANES {
-        let v = pair(lo[p], hi[p]);
-        let slot = &mut out[p * plane_stride..][..TILE];
-        // SAFETY: 16 values; unaligned store is fine (`storeu` through the slice's pointer).
-        unsafe { _mm512_storeu_si512(slot.as_mut_ptr().cast(), v) };
+        // SAFETY: as the caller vouches.
+        unsafe { store16(out, at + p * TILE_VALUES, pair(lo[p], hi[p])) };
     }
 }
 
