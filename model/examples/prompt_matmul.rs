@@ -12,6 +12,7 @@
 use std::time::Instant;
 
 use burn::tensor::{Device, Distribution, Tensor};
+use llava_med::bench::stats;
 use llava_med::fused::extension::few_rows_matmul;
 
 /// (layer, inputs, outputs) of the `base` shape.
@@ -24,11 +25,6 @@ const PRODUCTS: [(&str, usize, usize); 5] = [
 ];
 /// Input rows: a follow-up question (45), a text prompt, the vision tower (197), a prompt with an image.
 const ROWS: [usize; 7] = [16, 45, 64, 128, 197, 242, 512];
-
-fn stats(mut v: Vec<f64>) -> serde_json::Value {
-    v.sort_by(f64::total_cmp);
-    serde_json::json!({"median": v[v.len() / 2], "min": v[0], "max": v[v.len() - 1]})
-}
 
 fn main() {
     let mut runs = 10usize;

@@ -83,8 +83,8 @@ impl BenchOptions {
     }
 }
 
-/// Median, min and max of timings.
-fn stats(mut xs: Vec<f64>) -> Value {
+/// Median, min and max of timings (at least one), as `bench` reports each figure.
+pub fn stats(mut xs: Vec<f64>) -> Value {
     xs.sort_by(f64::total_cmp);
     let n = xs.len();
     let median = if n % 2 == 1 {
