@@ -169,6 +169,9 @@ pub(crate) mod device {
     }
 }
 
+#[cfg(feature = "cpu")]
+pub(crate) mod team;
+
 /// Helpers for the CPU backend's kernels.
 #[cfg(feature = "cpu")]
 pub(crate) mod host {

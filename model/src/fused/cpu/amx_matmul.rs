@@ -22,7 +22,7 @@ use std::arch::x86_64::{
     _mm512_set1_epi32, _mm512_setzero_si512, _mm512_srli_epi32, _mm512_store_si512, _mm512_sub_ps,
 };
 
-use rayon::prelude::*;
+use crate::kernels::team;
 
 use crate::kernels::host::{AlignedScratch, SharedOut};
 
@@ -72,7 +72,7 @@ pub(super) fn matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<
         row_tiles: m_pad / TILE,
         k_tiles,
     };
-    (0..tasks).into_par_iter().for_each(|t| {
+    team::for_each(tasks, |t| {
         let blocks = t * blocks / tasks..(t + 1) * blocks / tasks;
         // SAFETY: `has_amx_bf16` (asserted above) found AMX-BF16 and AVX-512F and got the OS's
         // permission; task `t` writes only the columns of its blocks, inside the buffer's capacity.
@@ -436,21 +436,18 @@ fn pack_input(x: &[f32], m: usize, k: usize, m_pad: usize) -> AlignedU32 {
     let k_tiles = k.div_ceil(TK);
     let per_row_tile = k_tiles * PLANES * TILE_VALUES;
     let mut a = AlignedU32::zeroed(m_pad / TILE * per_row_tile);
-    a.as_mut_slice()
-        .par_chunks_mut(per_row_tile)
-        .enumerate()
-        .for_each(|(rt, tiles)| {
-            for r in 0..TILE.min(m.saturating_sub(rt * TILE)) {
-                let row = &x[(rt * TILE + r) * k..][..k];
-                for kt in 0..k_tiles {
-                    let (k0, at) = (kt * TK, kt * PLANES * TILE_VALUES + r * TILE);
-                    // SAFETY: `has_amx_bf16` (checked by `matmul`) implies AVX-512F; the three planes'
-                    // slots of row `r` are inside this row tile's tiles and on 64-byte lines (the
-                    // buffer and each row tile's tiles start on one).
-                    unsafe { store_parts(load16(row, k0), load16(row, k0 + TILE), tiles, at) };
-                }
+    team::for_each_row_mut(a.as_mut_slice(), per_row_tile, 1, |rt, tiles| {
+        for r in 0..TILE.min(m.saturating_sub(rt * TILE)) {
+            let row = &x[(rt * TILE + r) * k..][..k];
+            for kt in 0..k_tiles {
+                let (k0, at) = (kt * TK, kt * PLANES * TILE_VALUES + r * TILE);
+                // SAFETY: `has_amx_bf16` (checked by `matmul`) implies AVX-512F; the three planes'
+                // slots of row `r` are inside this row tile's tiles and on 64-byte lines (the
+                // buffer and each row tile's tiles start on one).
+                unsafe { store_parts(load16(row, k0), load16(row, k0 + TILE), tiles, at) };
             }
-        });
+        }
+    });
     a
 }
 

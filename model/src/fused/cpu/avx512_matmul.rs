@@ -15,7 +15,7 @@ use std::arch::x86_64::{
     _mm512_maskz_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
 };
 
-use rayon::prelude::*;
+use crate::kernels::team;
 
 use crate::kernels::has_avx512f;
 use crate::kernels::host::{AlignedScratch, SharedOut};
@@ -64,11 +64,7 @@ pub(super) fn matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<
             }
         }
     };
-    if tasks == 1 {
-        task(0);
-    } else {
-        (0..tasks).into_par_iter().for_each(task);
-    }
+    team::for_each(tasks, task);
     out
 }
 

@@ -8,7 +8,7 @@
 //! blocks whose sums stay in L1; tiles that split the inputs add into their own partial sums, added up at
 //! the end.
 
-use rayon::prelude::*;
+use crate::kernels::team;
 
 use super::{dot_lanes, mad};
 use crate::kernels::has_avx2_fma;
@@ -39,12 +39,12 @@ impl Tiling {
         // Even blocks, a multiple of 16 values (whole vectors and cache lines where `n` allows).
         let width = n.div_ceil(blocks).next_multiple_of(16).min(n.max(1));
         let blocks = n.div_ceil(width).max(1);
-        let threads = if k * n < MIN_PARALLEL_WEIGHTS {
+        let wanted_tasks = if k * n < MIN_PARALLEL_WEIGHTS {
             1
         } else {
             threads.max(1)
         };
-        let splits = threads
+        let splits = wanted_tasks
             .div_ceil(blocks)
             .min(k.div_ceil(MIN_TASK_ROWS))
             .max(1);
@@ -87,11 +87,7 @@ pub(super) fn matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<
             .collect();
         tile(x, w, k, n, rows, c0, &mut out);
     };
-    if tiling.tasks() == 1 {
-        task(0);
-    } else {
-        (0..tiling.tasks()).into_par_iter().for_each(task);
-    }
+    team::for_each(tiling.tasks(), task);
     if tiling.splits == 1 {
         return partial;
     }
@@ -130,11 +126,7 @@ pub(super) fn matmul_t(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Ve
             }
         }
     };
-    if tasks == 1 {
-        task(0);
-    } else {
-        (0..tasks).into_par_iter().for_each(task);
-    }
+    team::for_each(tasks, task);
     out
 }
 

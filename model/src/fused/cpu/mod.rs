@@ -4,10 +4,10 @@
 use burn::backend::Flex;
 use burn::backend::tensor::FloatTensor;
 use burn::tensor::TensorData;
-use rayon::prelude::*;
 
 use super::extension::FusedOps;
 use crate::kernels::host::values;
+use crate::kernels::team;
 use crate::kernels::{has_avx2, has_avx512f};
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
@@ -76,21 +76,17 @@ impl FusedOps for Flex {
         let mut out = vec![0.0f32; h.len() / 2];
         let rows_per_task = (CHUNK / width.max(1)).max(1);
         let wide = has_avx2();
-        out.par_chunks_mut(rows_per_task * inner.max(1))
-            .zip(h.par_chunks(rows_per_task * width.max(1)))
-            .for_each(|(out, h)| {
-                for (o, row) in out.chunks_mut(inner).zip(h.chunks(width)) {
-                    let (gate, up) = row.split_at(inner);
-                    #[cfg(target_arch = "x86_64")]
-                    if wide {
-                        // SAFETY: `has_avx2` found AVX2 on this CPU.
-                        unsafe { silu_mul_avx2(gate, up, o) };
-                        continue;
-                    }
-                    let _ = wide;
-                    silu_mul_row(gate, up, o);
-                }
-            });
+        team::for_each_row_mut(&mut out, inner, rows_per_task, |r, o| {
+            let (gate, up) = h[r * width..][..width].split_at(inner);
+            #[cfg(target_arch = "x86_64")]
+            if wide {
+                // SAFETY: `has_avx2` found AVX2 on this CPU.
+                unsafe { silu_mul_avx2(gate, up, o) };
+                return;
+            }
+            let _ = wide;
+            silu_mul_row(gate, up, o);
+        });
         if let Some(last) = shape.last_mut() {
             *last = inner;
         }
@@ -102,18 +98,17 @@ impl FusedOps for Flex {
         let x = values::<f32>(&x);
         let mut out = vec![0.0f32; x.len()];
         let wide = has_avx2();
-        out.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(o, x)| {
-                #[cfg(target_arch = "x86_64")]
-                if wide {
-                    // SAFETY: `has_avx2` found AVX2 on this CPU.
-                    unsafe { quick_gelu_avx2(x, o) };
-                    return;
-                }
-                let _ = wide;
-                quick_gelu_row(x, o);
-            });
+        team::for_each_row_mut(&mut out, CHUNK, 1, |c, o| {
+            let x = &x[c * CHUNK..][..o.len()];
+            #[cfg(target_arch = "x86_64")]
+            if wide {
+                // SAFETY: `has_avx2` found AVX2 on this CPU.
+                unsafe { quick_gelu_avx2(x, o) };
+                return;
+            }
+            let _ = wide;
+            quick_gelu_row(x, o);
+        });
         FloatTensor::<Self>::from_data(TensorData::new(out, shape))
     }
 
@@ -167,14 +162,9 @@ impl FusedOps for Flex {
         // than the work).
         let per_head = (seq * d).max(1);
         let heads_per_task = (CHUNK / per_head).max(1);
-        out.par_chunks_mut(heads_per_task * per_head)
-            .enumerate()
-            .for_each(|(task, out)| {
-                for (j, out) in out.chunks_mut(per_head).enumerate() {
-                    let bh = task * heads_per_task + j;
-                    rope.head(bh / heads, bh % heads, out);
-                }
-            });
+        team::for_each_row_mut(&mut out, per_head, heads_per_task, |bh, out| {
+            rope.head(bh / heads, bh % heads, out)
+        });
         FloatTensor::<Self>::from_data(TensorData::new(out, [b, heads, seq, d]))
     }
 
@@ -202,13 +192,9 @@ impl FusedOps for Flex {
         // Heads in parallel only when there is enough to share: tasks of at least 64 Ki cached values (a
         // short cache is one task on this thread; waking the other threads costs more than it saves).
         let heads_per_task = ((4 * CHUNK) / (len * d).max(1)).max(1);
-        out.par_chunks_mut(heads_per_task * d)
-            .enumerate()
-            .for_each(|(task, out)| {
-                for (j, out) in out.chunks_mut(d).enumerate() {
-                    attention.head(task * heads_per_task + j, out);
-                }
-            });
+        team::for_each_row_mut(&mut out, d, heads_per_task, |head, out| {
+            attention.head(head, out)
+        });
         FloatTensor::<Self>::from_data(TensorData::new(out, [b, 1, heads * d]))
     }
 }
@@ -321,16 +307,13 @@ fn normalise(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
     let d = weight.len().max(1);
     let mut out = vec![0.0f32; x.len()];
     let rows_per_task = (CHUNK / d).max(1);
-    out.par_chunks_mut(rows_per_task * d)
-        .zip(x.par_chunks(rows_per_task * d))
-        .for_each(|(out, x)| {
-            for (o, row) in out.chunks_mut(d).zip(x.chunks(d)) {
-                let inv = 1.0 / (dot(row, row) / d as f32 + eps).sqrt();
-                for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
-                    *o = v * inv * w;
-                }
-            }
-        });
+    team::for_each_row_mut(&mut out, d, rows_per_task, |r, o| {
+        let row = &x[r * d..][..o.len()];
+        let inv = 1.0 / (dot(row, row) / d as f32 + eps).sqrt();
+        for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
+            *o = v * inv * w;
+        }
+    });
     out
 }
 

@@ -21,6 +21,7 @@ use super::extension::{FUSED_MAX_ROWS, PackedOps};
 use super::pack::GROUP;
 use crate::kernels::has_avx2;
 use crate::kernels::host::{SharedOut, values};
+use crate::kernels::team;
 
 impl PackedOps for Flex {
     fn packed_matmul(
@@ -131,10 +132,9 @@ impl<'a> Packing<'a> {
         }
         // Output channels in parallel, each row of the result `[n, m]` for one channel.
         let mut out_t = vec![0.0f32; n * m];
-        out_t
-            .par_chunks_mut(m)
-            .enumerate()
-            .for_each(|(o, acc)| self.channel::<BITS>(o, acc, x, &x_sums));
+        team::for_each_row_mut(&mut out_t, m, channels_per_task(n), |o, acc| {
+            self.channel::<BITS>(o, acc, x, &x_sums)
+        });
         transposed(out_t, m, n)
     }
 
@@ -324,6 +324,12 @@ impl<'a> Packing<'a> {
     ) {
         self.dequantize_row::<BITS>(o, first, row)
     }
+}
+
+/// Output channels per task of the few-row products ([`Packing::matmul_t_fused`]): four tasks a thread,
+/// so one that started late does not hold the product up.
+fn channels_per_task(n: usize) -> usize {
+    n.div_ceil(4 * rayon::current_num_threads()).max(1)
 }
 
 /// Output channels per tile of [`Packing::matmul_t_tiles`]: about 4 MB of f32 weights, 16 to 256 rows.

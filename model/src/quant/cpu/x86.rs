@@ -11,10 +11,9 @@
 use std::arch::x86_64::*;
 use std::borrow::Cow;
 
-use rayon::prelude::*;
-
 use super::super::pack::GROUP;
-use super::{Packing, transposed};
+use super::{Packing, channels_per_task, transposed};
+use crate::kernels::team;
 use crate::kernels::{has_avx2_fma, has_avx512f};
 
 /// The vector instruction set the kernels use on this CPU.
@@ -69,11 +68,12 @@ impl Packing<'_> {
     ) -> Vec<f32> {
         let xa = arrange::<BITS>(x);
         let mut out_t = vec![0.0f32; n * m];
+        let per_task = channels_per_task(n);
         // The row count is a constant in the kernels so that each row's sums stay in registers.
         macro_rules! rows {
             ($($r:literal)*) => {
                 match m {
-                    $($r => out_t.par_chunks_mut($r).enumerate().for_each(|(o, acc)| {
+                    $($r => team::for_each_row_mut(&mut out_t, $r, per_task, |o, acc| {
                         self.channel_x86::<BITS, $r>(isa, o, &xa, x_sums, acc)
                     }),)*
                     _ => unreachable!("the fused product takes at most 8 rows"),
