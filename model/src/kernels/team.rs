@@ -401,6 +401,34 @@ mod tests {
     }
 
     #[test]
+    fn tasks_of_one_loop_run_at_the_same_time_on_different_threads() {
+        if rayon::current_num_threads() < 2 {
+            eprintln!("skipped: rayon has one thread here");
+            return;
+        }
+        // Two tasks that each wait for the other to start can only both see it if they run at once.
+        // Another test holding the team sends this loop to rayon, whose workers may be busy with that
+        // test's work, so a try that times out is retried.
+        let met = (0..5).any(|_| {
+            let started = [AtomicBool::new(false), AtomicBool::new(false)];
+            let saw_other = [AtomicBool::new(false), AtomicBool::new(false)];
+            for_each(2, |i| {
+                started[i].store(true, Ordering::SeqCst);
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while Instant::now() < deadline {
+                    if started[1 - i].load(Ordering::SeqCst) {
+                        saw_other[i].store(true, Ordering::SeqCst);
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
+            });
+            saw_other.iter().all(|s| s.load(Ordering::SeqCst))
+        });
+        assert!(met, "the two tasks never ran at the same time");
+    }
+
+    #[test]
     fn helpers_that_fell_asleep_wake_for_the_next_loop() {
         for _ in 0..3 {
             std::thread::sleep(SPIN * 4);
