@@ -239,30 +239,45 @@ fn team() -> Option<&'static Team> {
 }
 
 /// Runs `f(0)`, …, `f(tasks - 1)` in parallel, in any order, and returns when all have; a panic in a
-/// task panics here once all have finished. On the team when it is free, else on rayon's pool.
+/// task panics here once all the others have run. On the team when it is free, else on rayon's pool.
 pub fn for_each(tasks: usize, f: impl Fn(usize) + Sync + Send) {
     if tasks <= 1 {
         (0..tasks).for_each(f);
         return;
     }
-    if tasks as u64 > COUNT_MASK {
-        (0..tasks).into_par_iter().for_each(f);
-        return;
-    }
-    match team() {
-        Some(team)
-            if team
+    let free_team = team().filter(|team| {
+        tasks as u64 <= COUNT_MASK
+            && team
                 .busy
                 .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok() =>
-        {
-            let outcome = catch_unwind(AssertUnwindSafe(|| team.run_loop(tasks, &f)));
-            team.busy.store(false, Ordering::Release);
-            if let Err(panic) = outcome {
-                resume_unwind(panic);
-            }
+                .is_ok()
+    });
+    if let Some(team) = free_team {
+        let outcome = catch_unwind(AssertUnwindSafe(|| team.run_loop(tasks, &f)));
+        team.busy.store(false, Ordering::Release);
+        if let Err(panic) = outcome {
+            resume_unwind(panic);
         }
-        _ => (0..tasks).into_par_iter().for_each(f),
+        return;
+    }
+    // Elsewhere each task's panic is caught as well, so that every path runs all the tasks.
+    let first_panic = Mutex::new(None);
+    let task = |i: usize| {
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| f(i))) {
+            first_panic
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert(panic);
+        }
+    };
+    if team().is_none() && rayon::current_num_threads() == 1 {
+        // One thread in all: handing the loop to rayon's one worker would only add a wake-up.
+        (0..tasks).for_each(task);
+    } else {
+        (0..tasks).into_par_iter().for_each(task);
+    }
+    if let Some(panic) = first_panic.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        resume_unwind(panic);
     }
 }
 
@@ -392,6 +407,23 @@ mod tests {
         }));
         assert!(outcome.is_err());
         assert_eq!(finished.load(Ordering::Relaxed), 63);
+        // The same inside a task, where the team is busy and the inner loop takes rayon (or the caller
+        // alone, with one thread).
+        let inner_finished = AtomicUsize::new(0);
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            for_each(2, |outer| {
+                if outer == 0 {
+                    for_each(64, |i| {
+                        if i == 5 {
+                            panic!("inner task 5 fails");
+                        }
+                        inner_finished.fetch_add(1, Ordering::Relaxed);
+                    });
+                }
+            })
+        }));
+        assert!(outcome.is_err());
+        assert_eq!(inner_finished.load(Ordering::Relaxed), 63);
         // The team is free again.
         let ran = AtomicUsize::new(0);
         for_each(10, |_| {
