@@ -22,9 +22,8 @@ use std::arch::x86_64::{
     _mm512_set1_epi32, _mm512_setzero_si512, _mm512_srli_epi32, _mm512_store_si512, _mm512_sub_ps,
 };
 
-use crate::kernels::team;
-
 use crate::kernels::host::{AlignedScratch, SharedOut};
+use crate::kernels::team;
 
 /// Input rows (and weight columns) per tile.
 const TILE: usize = 16;

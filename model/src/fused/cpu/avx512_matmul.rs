@@ -15,10 +15,9 @@ use std::arch::x86_64::{
     _mm512_maskz_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
 };
 
-use crate::kernels::team;
-
 use crate::kernels::has_avx512f;
 use crate::kernels::host::{AlignedScratch, SharedOut};
+use crate::kernels::team::{self, TASKS_PER_THREAD};
 
 /// Input rows per register tile.
 const MR: usize = 4;
@@ -51,7 +50,7 @@ pub(super) fn matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<
         rayon::current_num_threads()
     };
     // A few tasks per thread, so one that started late does not hold up the product.
-    let per_task = blocks.div_ceil(4 * threads).max(1);
+    let per_task = blocks.div_ceil(TASKS_PER_THREAD * threads).max(1);
     let tasks = blocks.div_ceil(per_task);
     let shared = SharedOut(out.as_mut_ptr());
     let pack = m > PACK_MIN_ROWS;

@@ -8,20 +8,15 @@
 //! blocks whose sums stay in L1; tiles that split the inputs add into their own partial sums, added up at
 //! the end.
 
-use crate::kernels::team;
-
 use super::{dot_lanes, mad};
 use crate::kernels::has_avx2_fma;
 use crate::kernels::host::SharedOut;
+use crate::kernels::team::{self, TASKS_PER_THREAD};
 
 /// Widest column block, in output values per input row (its sums, `rows` × this, stay in L1).
 const MAX_BLOCK: usize = 2048;
 /// Fewest weight rows a task takes (shorter runs cost more in hand-offs than they spread).
 const MIN_TASK_ROWS: usize = 64;
-/// Tasks a product is cut into per thread where the weight allows: a thread that starts late or reads
-/// memory more slowly than the other then holds the product up by a smaller task (decoding the `base`
-/// shape on the Intel CI machine: 29.5 → 27 ms per token going from one to four).
-const TASKS_PER_THREAD: usize = 4;
 /// Below this many weights the product runs on the calling thread: waking the others costs more.
 const MIN_PARALLEL_WEIGHTS: usize = 64 * 1024;
 
@@ -123,7 +118,7 @@ pub(super) fn matmul_t(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Ve
     } else {
         rayon::current_num_threads()
     };
-    let per_task = n.div_ceil(4 * threads).max(1);
+    let per_task = n.div_ceil(TASKS_PER_THREAD * threads).max(1);
     let tasks = n.div_ceil(per_task);
     let shared = SharedOut(out.as_mut_ptr());
     let task = |t: usize| {

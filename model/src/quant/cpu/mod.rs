@@ -21,7 +21,7 @@ use super::extension::{FUSED_MAX_ROWS, PackedOps};
 use super::pack::GROUP;
 use crate::kernels::has_avx2;
 use crate::kernels::host::{SharedOut, values};
-use crate::kernels::team;
+use crate::kernels::team::{self, TASKS_PER_THREAD};
 
 impl PackedOps for Flex {
     fn packed_matmul(
@@ -326,10 +326,11 @@ impl<'a> Packing<'a> {
     }
 }
 
-/// Output channels per task of the few-row products ([`Packing::matmul_t_fused`]): four tasks a thread,
-/// so one that started late does not hold the product up.
+/// Output channels per task of the few-row products ([`Packing::matmul_t_fused`]):
+/// [`TASKS_PER_THREAD`] tasks a thread.
 fn channels_per_task(n: usize) -> usize {
-    n.div_ceil(4 * rayon::current_num_threads()).max(1)
+    n.div_ceil(TASKS_PER_THREAD * rayon::current_num_threads())
+        .max(1)
 }
 
 /// Output channels per tile of [`Packing::matmul_t_tiles`]: about 4 MB of f32 weights, 16 to 256 rows.
