@@ -13,6 +13,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::embedding::TokenEmbedding;
 use crate::error::{Error, Result};
+use crate::host_memory::zeroed_on_huge_pages;
 use crate::linear::Linear;
 use crate::quant::{Quantization, QuantizedMatrix, pack};
 
@@ -170,19 +171,9 @@ impl WeightFiles {
         }
         let (start, end) = (shard.data_start + entry.start, shard.data_start + entry.end);
         let bytes = &shard.mmap[start..end];
-        let values: Vec<f32> = match entry.dtype {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
+        let width = match entry.dtype {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
             other => {
                 return Err(Error::weights(
                     &shard.path,
@@ -192,6 +183,17 @@ impl WeightFiles {
                 ));
             }
         };
+        let mut values = zeroed_on_huge_pages::<f32>(bytes.len() / width);
+        let pairs = values.iter_mut().zip(bytes.chunks_exact(width));
+        match entry.dtype {
+            Dtype::F32 => {
+                pairs.for_each(|(v, b)| *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            }
+            Dtype::F16 => {
+                pairs.for_each(|(v, b)| *v = half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            }
+            _ => pairs.for_each(|(v, b)| *v = half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+        }
         release_pages(&shard.mmap, start, end);
         Ok(values)
     }
@@ -523,7 +525,7 @@ fn random_host(name: &str, len: usize) -> Vec<f32> {
 pub fn random_values(seed: u64, len: usize) -> Vec<f32> {
     // One stream per stretch of STREAM values, whatever the number of cores: the same values everywhere.
     const STREAM: usize = 1 << 16;
-    let mut out = vec![0.0f32; len];
+    let mut out = zeroed_on_huge_pages::<f32>(len);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let per_thread = len.div_ceil(STREAM).div_ceil(threads).max(1) * STREAM;
     std::thread::scope(|scope| {
@@ -555,7 +557,7 @@ pub fn random_values(seed: u64, len: usize) -> Vec<f32> {
 /// Row-major [rows, cols] → [cols, rows], blocked for cache friendliness.
 fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     const B: usize = 32;
-    let mut dst = vec![0.0f32; src.len()];
+    let mut dst = zeroed_on_huge_pages::<f32>(src.len());
     for r0 in (0..rows).step_by(B) {
         for c0 in (0..cols).step_by(B) {
             for r in r0..(r0 + B).min(rows) {

@@ -18,6 +18,8 @@
 
 use burn::tensor::DType;
 
+use crate::host_memory::zeroed_on_huge_pages;
+
 /// Values per group (one scale and one minimum).
 pub const GROUP: usize = 32;
 /// Most groups sharing one pair of super-block maxima.
@@ -79,7 +81,7 @@ pub fn quantize(values: &[f32], rows: usize, cols: usize, bits: usize, dtype: DT
         cols,
         bits,
         groups_per_super: gps,
-        codes: vec![0; rows * code_words],
+        codes: zeroed_on_huge_pages(rows * code_words),
         group_params: vec![0; rows * param_words],
         supers: vec![0.0; rows * super_vals],
     };
