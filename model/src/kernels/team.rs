@@ -8,6 +8,7 @@
 //! One loop runs on the team at a time: a loop started while it is busy (a second conversation on the
 //! server, tests in parallel, a loop inside a task) runs on rayon instead, as before.
 
+use std::any::Any;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
@@ -38,6 +39,14 @@ struct Job(*const (dyn Fn(usize) + Sync));
 unsafe impl Send for Job {}
 unsafe impl Sync for Job {}
 
+/// A task's panic payload, as `catch_unwind` returns it.
+type Panic = Box<dyn Any + Send>;
+
+/// Locks `m`, also after a panic poisoned it (nothing the team guards is left half-written by one).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The team's shared state.
 struct Team {
     /// Whether a loop is running on the team.
@@ -47,8 +56,8 @@ struct Team {
     claim: AtomicU64,
     /// Tasks finished in this loop.
     done: AtomicUsize,
-    /// Whether a task of this loop panicked.
-    panicked: AtomicBool,
+    /// The first panic of a task of this loop, passed on to the loop's caller.
+    panic: Mutex<Option<Panic>>,
     /// The loop's closure; written before `claim` publishes the loop, read after each successful claim.
     job: Mutex<Option<Job>>,
     /// Helpers asleep, and what wakes them.
@@ -116,7 +125,7 @@ impl Team {
         }
         // The claimed task is unfinished, so the loop it belongs to is still the one whose closure was
         // published before its claim word.
-        let job = (*self.job.lock().unwrap_or_else(|e| e.into_inner()))?;
+        let job = (*lock(&self.job))?;
         Some((job, Claim::unpack(word).next as usize))
     }
 
@@ -124,8 +133,8 @@ impl Team {
     fn run(&self, job: Job, index: usize) {
         // SAFETY: the loop's caller keeps the closure alive until `done` counts this task.
         let f = unsafe { &*job.0 };
-        if catch_unwind(AssertUnwindSafe(|| f(index))).is_err() {
-            self.panicked.store(true, Ordering::Release);
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| f(index))) {
+            lock(&self.panic).get_or_insert(panic);
         }
         self.done.fetch_add(1, Ordering::AcqRel);
     }
@@ -169,8 +178,8 @@ impl Team {
 
     /// Sleeps until a loop after `seen` is published.
     fn sleep_until_after(&self, seen: u64) {
-        let (lock, wake) = &self.wake;
-        let mut guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (mutex, wake) = &self.wake;
+        let mut guard = lock(mutex);
         // Counted before the check, so a loop published after the check sees a sleeper and wakes it
         // (both sides use sequentially consistent operations).
         self.sleepers.fetch_add(1, Ordering::SeqCst);
@@ -180,9 +189,9 @@ impl Team {
         self.sleepers.fetch_sub(1, Ordering::SeqCst);
     }
 
-    /// Runs `tasks` tasks of `f` on the team and the calling thread, the team held (`busy`); whether a
-    /// task panicked.
-    fn run_loop(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) -> bool {
+    /// Runs `tasks` tasks of `f` on the team and the calling thread, the team held (`busy`); the first
+    /// panic of a task, if one did.
+    fn run_loop(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) -> Option<Panic> {
         // SAFETY: only the lifetime is erased; this function returns only after `done` reaches `tasks`,
         // that is after every call of `f`, and no helper can claim a task of this loop after that.
         let job = Job(unsafe {
@@ -190,9 +199,9 @@ impl Team {
                 f,
             )
         });
-        *self.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(job);
+        *lock(&self.job) = Some(job);
         self.done.store(0, Ordering::Release);
-        self.panicked.store(false, Ordering::Release);
+        *lock(&self.panic) = None;
         let epoch = (self.epoch(Ordering::Acquire) + 1) & EPOCH_MASK;
         let claim = Claim {
             epoch,
@@ -201,7 +210,7 @@ impl Team {
         };
         self.claim.store(claim.pack(), Ordering::SeqCst);
         if self.sleepers.load(Ordering::SeqCst) > 0 {
-            let _guard = self.wake.0.lock().unwrap_or_else(|e| e.into_inner());
+            let _guard = lock(&self.wake.0);
             self.wake.1.notify_all();
         }
         self.work(epoch);
@@ -209,7 +218,7 @@ impl Team {
         while self.done.load(Ordering::Acquire) < tasks {
             std::hint::spin_loop();
         }
-        self.panicked.load(Ordering::Acquire)
+        lock(&self.panic).take()
     }
 }
 
@@ -225,7 +234,7 @@ fn team() -> Option<&'static Team> {
             busy: AtomicBool::new(false),
             claim: AtomicU64::new(0),
             done: AtomicUsize::new(0),
-            panicked: AtomicBool::new(false),
+            panic: Mutex::new(None),
             job: Mutex::new(None),
             sleepers: AtomicUsize::new(0),
             wake: (Mutex::new(()), Condvar::new()),
@@ -258,10 +267,10 @@ pub fn for_each(tasks: usize, f: impl Fn(usize) + Sync + Send) {
                 .is_ok()
     });
     if let Some(team) = free_team {
-        let panicked = team.run_loop(tasks, &f);
+        let panic = team.run_loop(tasks, &f);
         team.busy.store(false, Ordering::Release);
-        if panicked {
-            resume_unwind(Box::new("a task of a CPU kernel's parallel loop panicked"));
+        if let Some(panic) = panic {
+            resume_unwind(panic);
         }
         return;
     }
@@ -269,10 +278,7 @@ pub fn for_each(tasks: usize, f: impl Fn(usize) + Sync + Send) {
     let first_panic = Mutex::new(None);
     let task = |i: usize| {
         if let Err(panic) = catch_unwind(AssertUnwindSafe(|| f(i))) {
-            first_panic
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get_or_insert(panic);
+            lock(&first_panic).get_or_insert(panic);
         }
     };
     if team().is_none() && rayon::current_num_threads() == 1 {
@@ -399,6 +405,16 @@ mod tests {
         assert_eq!(total.load(Ordering::Relaxed), 4 * 200 * 8 * 3);
     }
 
+    /// The message a loop's caller received from a task's panic (the task's own, on every path).
+    fn message(outcome: std::thread::Result<()>) -> String {
+        let panic = outcome.expect_err("the loop should have panicked");
+        panic
+            .downcast_ref::<&str>()
+            .map(|m| m.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(not a message)".to_string())
+    }
+
     /// A loop of 64 tasks whose task 5 panics, counting the others that finished into `finished`.
     fn loop_failing_at_task_5(finished: &AtomicUsize) {
         for_each(64, |i| {
@@ -413,7 +429,7 @@ mod tests {
     fn a_panicking_task_panics_the_caller_after_the_others_finish() {
         let finished = AtomicUsize::new(0);
         let outcome = catch_unwind(AssertUnwindSafe(|| loop_failing_at_task_5(&finished)));
-        assert!(outcome.is_err());
+        assert_eq!(message(outcome), "task 5 fails");
         assert_eq!(finished.load(Ordering::Relaxed), 63);
         // The same inside a task, where the team is busy and the inner loop takes rayon (or the caller
         // alone, with one thread).
@@ -425,7 +441,7 @@ mod tests {
                 }
             })
         }));
-        assert!(outcome.is_err());
+        assert_eq!(message(outcome), "task 5 fails");
         assert_eq!(inner_finished.load(Ordering::Relaxed), 63);
         // The team is free again.
         let ran = AtomicUsize::new(0);
