@@ -6,7 +6,8 @@
 //! and used by every block of [`MR`] input rows, whose sums stay in registers, each multiply-add one
 //! fused instruction on 16 lanes: 1.3–1.7× gemm's speed from 4 to 96 rows there, level with it from 128.
 //! Longer inputs (a first prompt with an image, the vision tower) take AMX where the CPU has it
-//! (`amx_matmul.rs`), else stay with gemm, tuned for more CPUs than this was. Threads take ranges of
+//! (`amx_matmul.rs`, from 64 rows: with the weights coming from memory it overtook these tiles there),
+//! else stay with gemm, tuned for more CPUs than this was. Threads take ranges of
 //! column blocks, which write disjoint outputs; each runs the input's panels in order over its blocks,
 //! so a panel of `x` is reused from cache across them.
 

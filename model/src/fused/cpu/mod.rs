@@ -22,6 +22,11 @@ mod prompt_attention;
 const FEW_ROWS_MAX: usize = 8;
 /// Most input rows the AVX-512 register tiles take ([`avx512_matmul`]; from there gemm was level).
 const TILED_MAX_ROWS: usize = crate::fused::row_matmul::CPU_MAX_ROWS;
+/// Fewest input rows AMX takes where the CPU has it ([`amx_matmul`]). With the weights coming from
+/// memory, as in a model (the `base` decoder's 453 MB cycled), AMX and the register tiles were level at
+/// 56 rows on the Intel CI machine, AMX 6–9 % faster at 64, 10 % at 80, 17 % at 96 and 25 % at 128, the
+/// tiles 4–14 % faster at 24–48 (BENCHMARKS.md); with one weight kept in cache the tiles had won to 128.
+const AMX_MIN_ROWS: usize = 64;
 
 /// Values per parallel task (below it, thread hand-offs cost more than they save).
 const CHUNK: usize = 16 * 1024;
@@ -45,10 +50,10 @@ impl FusedOps for Flex {
         use burn::backend::ops::FloatTensorOps;
         let (m, k) = (x.layout().shape()[0], x.layout().shape()[1]);
         let n = w.layout().shape()[1];
-        // Past the register tiles' rows, AMX's tiles where the CPU has them (1.2–1.5× gemm at 197–512
-        // rows on the Intel CI machine; below 128 rows they lost to the register tiles).
+        // From `AMX_MIN_ROWS`, AMX's tiles where the CPU has them (1.2–1.5× gemm at 197–512 rows on the
+        // Intel CI machine).
         #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
-        if m > TILED_MAX_ROWS && crate::kernels::has_amx_bf16() {
+        if m >= AMX_MIN_ROWS && crate::kernels::has_amx_bf16() {
             let out = amx_matmul::matmul(&values::<f32>(&x), &values::<f32>(&w), m, k, n);
             return FloatTensor::<Self>::from_data(TensorData::new(out, [m, n]));
         }
