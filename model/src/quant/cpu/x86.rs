@@ -7,6 +7,8 @@
 //! for the codes 2 KiB ahead ([`prefetch`]): on the Intel CI machine the kernels otherwise waited on memory
 //! (`perf` put 40–60 % of their samples on the instruction after the codes' load), and asking ahead took
 //! a 7B decoder layer from 32 to 15–16 ms at 8 bits and from 24.5 to 15 ms at 4 (`examples/packed_gemv.rs`).
+//! Groups go two a step into two sets of sums held in registers (chosen at run time, both sets had lived
+//! in memory: 7–10 % of a layer at 8 bits, 5–10 % at 4).
 
 use std::arch::x86_64::*;
 use std::borrow::Cow;
@@ -214,6 +216,7 @@ impl Packing<'_> {
         let mut scales = [0.0f32; 16];
         for g0 in (0..groups).step_by(16) {
             let lanes = (groups - g0).min(16);
+            prefetch_params(params, supers, g0, self.groups_per_super);
             let (scale, min) = self.params16(params, supers, g0, lanes);
             // SAFETY: `scales` holds 16 values.
             unsafe { _mm512_storeu_ps(scales.as_mut_ptr(), scale) };
@@ -221,17 +224,27 @@ impl Packing<'_> {
                 let sums = load_first16(&x_sums[r * groups + g0..][..lanes]);
                 *total = _mm512_fmadd_ps(min, sums, *total);
             }
-            for (j, &scale) in scales[..lanes].iter().enumerate() {
-                let g = g0 + j;
+            // Group `g` into `sums`.
+            let group = |g: usize, scale: f32, sums: &mut [__m512; M]| {
                 prefetch(codes, g * BITS * 4 + PREFETCH_AHEAD);
                 let [a, b] = unpack16::<BITS>(&codes[g * BITS * 4..][..BITS * 4]);
                 let s = _mm512_set1_ps(scale);
-                let sums = if j % 2 == 0 { &mut even } else { &mut odd };
                 for (r, sum) in sums.iter_mut().enumerate() {
                     let x = &xa[(r * groups + g) * GROUP..][..GROUP];
                     let dot = _mm512_fmadd_ps(b, load16(&x[16..]), _mm512_mul_ps(a, load16(x)));
                     *sum = _mm512_fmadd_ps(dot, s, *sum);
                 }
+            };
+            // Two groups a step, into sums fixed at compile time: picking `even` or `odd` at run time
+            // kept both in memory, each group's sums stored and reloaded (a third of the kernel's samples).
+            let pairs = scales[..lanes].chunks_exact(2);
+            let last = pairs.remainder().first().copied();
+            for (j, pair) in pairs.enumerate() {
+                group(g0 + 2 * j, pair[0], &mut even);
+                group(g0 + 2 * j + 1, pair[1], &mut odd);
+            }
+            if let Some(scale) = last {
+                group(g0 + lanes - 1, scale, &mut even);
             }
         }
         for r in 0..M {
@@ -298,6 +311,7 @@ impl Packing<'_> {
         let mut scales = [0.0f32; 8];
         for g0 in (0..groups).step_by(8) {
             let lanes = (groups - g0).min(8);
+            prefetch_params(params, supers, g0, self.groups_per_super);
             let (scale, min) = self.params8(params, supers, g0, lanes);
             // SAFETY: `scales` holds 8 values.
             unsafe { _mm256_storeu_ps(scales.as_mut_ptr(), scale) };
@@ -305,12 +319,10 @@ impl Packing<'_> {
                 let sums = load_first8(&x_sums[r * groups + g0..][..lanes]);
                 *total = _mm256_fmadd_ps(min, sums, *total);
             }
-            for (j, &scale) in scales[..lanes].iter().enumerate() {
-                let g = g0 + j;
+            let group = |g: usize, scale: f32, sums: &mut [__m256; M]| {
                 prefetch(codes, g * BITS * 4 + PREFETCH_AHEAD);
                 let q = unpack8::<BITS>(&codes[g * BITS * 4..][..BITS * 4]);
                 let s = _mm256_set1_ps(scale);
-                let sums = if j % 2 == 0 { &mut even } else { &mut odd };
                 for (r, sum) in sums.iter_mut().enumerate() {
                     let x = &xa[(r * groups + g) * GROUP..][..GROUP];
                     let mut dot = _mm256_mul_ps(q[0], load8(x));
@@ -319,6 +331,16 @@ impl Packing<'_> {
                     }
                     *sum = _mm256_fmadd_ps(dot, s, *sum);
                 }
+            };
+            // Two groups a step, as in `channel_avx512`.
+            let pairs = scales[..lanes].chunks_exact(2);
+            let last = pairs.remainder().first().copied();
+            for (j, pair) in pairs.enumerate() {
+                group(g0 + 2 * j, pair[0], &mut even);
+                group(g0 + 2 * j + 1, pair[1], &mut odd);
+            }
+            if let Some(scale) = last {
+                group(g0 + lanes - 1, scale, &mut even);
             }
         }
         for r in 0..M {
@@ -402,6 +424,9 @@ pub(super) fn scale_min(params: &[i32], g: usize, (s, m): (f32, f32)) -> (f32, f
 
 /// Bytes of codes ahead of the group in use that [`prefetch`] asks for.
 const PREFETCH_AHEAD: usize = 2048;
+/// Bytes ahead of the groups in use that [`prefetch_params`] asks for in the parameter words and the
+/// super-block maxima (a row's worth and more of each for the 7B shapes).
+const PARAMS_AHEAD: usize = 512;
 
 /// Asks for the cache line at `codes[at]` (or past the end of the row: the next row's, which the same
 /// task usually reads next); a hint, so an address past the codes is harmless.
@@ -409,6 +434,16 @@ const PREFETCH_AHEAD: usize = 2048;
 fn prefetch(codes: &[u8], at: usize) {
     // SAFETY: prefetching reads nothing and cannot fault.
     unsafe { _mm_prefetch::<_MM_HINT_T0>(codes.as_ptr().wrapping_add(at).cast()) };
+}
+
+/// Asks for the parameter words and super-block maxima [`PARAMS_AHEAD`] bytes past those of groups
+/// from `g0` (`gps` groups a super-block): two streams beside the codes', which `perf` showed the
+/// kernels waiting on; asking ahead took a 7B layer's 4-bit products 5–8 % faster.
+#[inline(always)]
+fn prefetch_params(params: &[i32], supers: &[f32], g0: usize, gps: usize) {
+    // Two bytes of parameters a group; two f32 maxima a super-block.
+    prefetch(bytemuck::cast_slice(params), 2 * g0 + PARAMS_AHEAD);
+    prefetch(bytemuck::cast_slice(supers), 8 * (g0 / gps) + PARAMS_AHEAD);
 }
 
 /// A group's 32 codes (16 bytes at 4 bits, 32 at 8) as two 16-lane float vectors, in [`arrange`]'s order.
