@@ -36,17 +36,29 @@ pub fn keep_freed_blocks() -> bool {
 #[cfg(target_os = "linux")]
 const HUGE_PAGE: usize = 2 << 20;
 
+/// Whether weights are to be put on huge pages (`LLAVA_MED_HUGE_PAGES`, on by default; read once).
+#[cfg(target_os = "linux")]
+fn huge_pages_wanted() -> bool {
+    static WANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WANTED.get_or_init(|| {
+        crate::kernels::switch_on(std::env::var("LLAVA_MED_HUGE_PAGES").ok().as_deref())
+    })
+}
+
 /// `len` zeros in a buffer whose whole 2 MiB stretches the kernel is asked to back with huge pages
 /// (Linux's transparent huge pages, which most distributions grant only where asked: `madvise` mode).
 /// The advice is given before the buffer is first written, so its pages are huge from their first fault
 /// instead of waiting for the kernel's background collapsing; where it is refused or unsupported the
 /// buffer is an ordinary one. For weights, which decoding streams whole at every step.
+/// `LLAVA_MED_HUGE_PAGES=0` turns the advice off: on a VM whose host takes free memory back, a huge
+/// page's first fault costs the host's backing it afresh (loading `base` on the Intel CI machine: up to
+/// 1.8–2.8 s instead of 1.1–1.3 until the memory has been used once; BENCHMARKS.md).
 pub fn zeroed_on_huge_pages<T: Copy + Default>(len: usize) -> Vec<T> {
     // Zeroed by the allocator: fresh memory is left untouched (calloc), so the pages are first faulted
     // in by whoever fills the buffer, on as many threads as fill it.
     let values = vec![T::default(); len];
     #[cfg(target_os = "linux")]
-    {
+    if huge_pages_wanted() {
         let start = values.as_ptr() as usize;
         let end = start + len * std::mem::size_of::<T>();
         let (first, last) = (
@@ -95,8 +107,10 @@ mod tests {
         {
             let setting = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
                 .unwrap_or_default();
-            if setting.contains("[never]") || setting.is_empty() {
-                eprintln!("skipped the page check: transparent huge pages are off here");
+            if setting.contains("[never]") || setting.is_empty() || !super::huge_pages_wanted() {
+                eprintln!(
+                    "skipped the page check: huge pages are off (system setting or LLAVA_MED_HUGE_PAGES)"
+                );
                 return;
             }
             // The advice splits the mapping: its aligned middle is a mapping of its own.
