@@ -92,9 +92,10 @@ mod tests {
     /// kernel grants them (checked through `/proc/self/smaps` when the system's setting allows them).
     #[test]
     fn huge_page_buffers_are_zeroed_and_advised() {
-        super::keep_freed_blocks();
-        let mut values: Vec<f32> = super::zeroed_on_huge_pages(3 << 20);
-        assert_eq!(values.len(), 3 << 20);
+        // 40 MiB: past glibc's largest mmap threshold, so the buffer is fresh memory, not heap memory
+        // that another test's buffer has already faulted in on ordinary pages.
+        let mut values: Vec<f32> = super::zeroed_on_huge_pages(10 << 20);
+        assert_eq!(values.len(), 10 << 20);
         assert!(values.iter().all(|&v| v == 0.0));
         // Filled, as weights are: the first writes fault the pages in.
         values
@@ -119,7 +120,7 @@ mod tests {
             let huge_kb = smaps_huge_kb(&smaps, middle);
             assert!(
                 huge_kb >= 2048,
-                "no huge page backs the 12 MiB buffer ({huge_kb} kB)"
+                "no huge page backs the 40 MiB buffer ({huge_kb} kB)"
             );
         }
     }
