@@ -171,9 +171,14 @@ impl WeightFiles {
         }
         let (start, end) = (shard.data_start + entry.start, shard.data_start + entry.end);
         let bytes = &shard.mmap[start..end];
-        let width = match entry.dtype {
-            Dtype::F32 => 4,
-            Dtype::F16 | Dtype::BF16 => 2,
+        let values = match entry.dtype {
+            Dtype::F32 => decode(bytes, 4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            Dtype::F16 => decode(bytes, 2, |b| {
+                half::f16::from_le_bytes([b[0], b[1]]).to_f32()
+            }),
+            Dtype::BF16 => decode(bytes, 2, |b| {
+                half::bf16::from_le_bytes([b[0], b[1]]).to_f32()
+            }),
             other => {
                 return Err(Error::weights(
                     &shard.path,
@@ -183,20 +188,18 @@ impl WeightFiles {
                 ));
             }
         };
-        let mut values = zeroed_on_huge_pages::<f32>(bytes.len() / width);
-        let pairs = values.iter_mut().zip(bytes.chunks_exact(width));
-        match entry.dtype {
-            Dtype::F32 => {
-                pairs.for_each(|(v, b)| *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            }
-            Dtype::F16 => {
-                pairs.for_each(|(v, b)| *v = half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            }
-            _ => pairs.for_each(|(v, b)| *v = half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-        }
         release_pages(&shard.mmap, start, end);
         Ok(values)
     }
+}
+
+/// `bytes` as values of `width` bytes each, converted by `value`, into a buffer on huge pages (weights).
+fn decode(bytes: &[u8], width: usize, value: impl Fn(&[u8]) -> f32) -> Vec<f32> {
+    let mut values = zeroed_on_huge_pages::<f32>(bytes.len() / width);
+    for (v, b) in values.iter_mut().zip(bytes.chunks_exact(width)) {
+        *v = value(b);
+    }
+    values
 }
 
 /// Drops the mapped pages of a tensor already converted, so the file's pages do not stay resident beside

@@ -56,7 +56,7 @@ struct Team {
     claim: AtomicU64,
     /// Tasks finished in this loop.
     done: AtomicUsize,
-    /// The first panic of a task of this loop, passed on to the loop's caller.
+    /// The first panic of a task of this loop, taken by the loop's caller (so empty between loops).
     panic: Mutex<Option<Panic>>,
     /// The loop's closure; written before `claim` publishes the loop, read after each successful claim.
     job: Mutex<Option<Job>>,
@@ -201,7 +201,6 @@ impl Team {
         });
         *lock(&self.job) = Some(job);
         self.done.store(0, Ordering::Release);
-        *lock(&self.panic) = None;
         let epoch = (self.epoch(Ordering::Acquire) + 1) & EPOCH_MASK;
         let claim = Claim {
             epoch,

@@ -26,6 +26,7 @@ const TILED_MAX_ROWS: usize = crate::fused::row_matmul::CPU_MAX_ROWS;
 /// memory, as in a model (the `base` decoder's 453 MB cycled), AMX and the register tiles were level at
 /// 56 rows on the Intel CI machine, AMX 6–9 % faster at 64, 10 % at 80, 17 % at 96 and 25 % at 128, the
 /// tiles 4–14 % faster at 24–48 (BENCHMARKS.md); with one weight kept in cache the tiles had won to 128.
+#[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
 const AMX_MIN_ROWS: usize = 64;
 
 /// Values per parallel task (below it, thread hand-offs cost more than they save).

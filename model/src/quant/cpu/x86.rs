@@ -235,17 +235,7 @@ impl Packing<'_> {
                     *sum = _mm512_fmadd_ps(dot, s, *sum);
                 }
             };
-            // Two groups a step, into sums fixed at compile time: picking `even` or `odd` at run time
-            // kept both in memory, each group's sums stored and reloaded (a third of the kernel's samples).
-            let pairs = scales[..lanes].chunks_exact(2);
-            let last = pairs.remainder().first().copied();
-            for (j, pair) in pairs.enumerate() {
-                group(g0 + 2 * j, pair[0], &mut even);
-                group(g0 + 2 * j + 1, pair[1], &mut odd);
-            }
-            if let Some(scale) = last {
-                group(g0 + lanes - 1, scale, &mut even);
-            }
+            in_pairs(g0, &scales[..lanes], &mut even, &mut odd, group);
         }
         for r in 0..M {
             acc[r] = _mm512_reduce_add_ps(_mm512_add_ps(even[r], odd[r]))
@@ -332,16 +322,7 @@ impl Packing<'_> {
                     *sum = _mm256_fmadd_ps(dot, s, *sum);
                 }
             };
-            // Two groups a step, as in `channel_avx512`.
-            let pairs = scales[..lanes].chunks_exact(2);
-            let last = pairs.remainder().first().copied();
-            for (j, pair) in pairs.enumerate() {
-                group(g0 + 2 * j, pair[0], &mut even);
-                group(g0 + 2 * j + 1, pair[1], &mut odd);
-            }
-            if let Some(scale) = last {
-                group(g0 + lanes - 1, scale, &mut even);
-            }
+            in_pairs(g0, &scales[..lanes], &mut even, &mut odd, group);
         }
         for r in 0..M {
             acc[r] = sum8(_mm256_add_ps(even[r], odd[r])) + sum8(mins[r]);
@@ -413,6 +394,29 @@ fn load_first8(x: &[f32]) -> __m256 {
     );
     // SAFETY: the masked lanes are values of `x`.
     unsafe { _mm256_maskload_ps(x.as_ptr(), mask) }
+}
+
+/// Runs `group(g, scale, sums)` for groups `g0..g0 + scales.len()`, two a step: even-numbered ones into
+/// `even`, odd ones into `odd`, so consecutive groups do not wait on each other. The sets are fixed per
+/// call at compile time (after inlining): picking one at run time kept both in memory, each group's sums
+/// stored and reloaded (a third of the kernels' samples).
+#[inline(always)]
+fn in_pairs<S>(
+    g0: usize,
+    scales: &[f32],
+    even: &mut S,
+    odd: &mut S,
+    mut group: impl FnMut(usize, f32, &mut S),
+) {
+    let pairs = scales.chunks_exact(2);
+    let last = pairs.remainder().first().copied();
+    for (j, pair) in pairs.enumerate() {
+        group(g0 + 2 * j, pair[0], even);
+        group(g0 + 2 * j + 1, pair[1], odd);
+    }
+    if let Some(scale) = last {
+        group(g0 + scales.len() - 1, scale, even);
+    }
 }
 
 /// Group `g`'s scale and minimum from its parameter word and its super-block's units (S / 255, M / 127).
