@@ -62,8 +62,8 @@ pub trait FusedOps: burn::backend::Backend {
     /// `x` `[m, k]` times `w` `[k, n]` (the CPU backend's `[in, out]` layout) for up to
     /// [`super::row_matmul::CPU_MAX_ROWS`] rows (decoding, a question), or any number where the CPU has
     /// AMX: `[m, n]`. By default Burn's product; on the CPU backend, one row streams tiles of the weight
-    /// on every thread (`cpu/few_rows.rs`), more take AVX-512 register tiles (`cpu/avx512_matmul.rs`),
-    /// and past that AMX's tiles (`cpu/amx_matmul.rs`).
+    /// on every thread (`cpu/few_rows.rs`, also up to 8 rows without AVX-512), more take register tiles
+    /// in AVX-512 or AVX2 (`cpu/tiled_matmul.rs`), and past that AMX's tiles (`cpu/amx_matmul.rs`).
     #[fusion(dtype = x, shape = Shape::new([x[0], w[1]]))]
     fn few_rows_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_matmul(x, w)

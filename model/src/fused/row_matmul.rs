@@ -34,8 +34,8 @@ pub fn enabled() -> bool {
     })
 }
 
-/// Inputs of at most this many rows may take the CPU's product (which past 8 rows needs AVX-512, else
-/// hands them to Burn's); longer ones only where the CPU has AMX (`fused::cpu::amx_matmul`).
+/// Inputs of at most this many rows may take the CPU's product (which past 8 rows needs AVX-512 or AVX2,
+/// else hands them to Burn's); longer ones only where the CPU has AMX (`fused::cpu::amx_matmul`).
 pub const CPU_MAX_ROWS: usize = 128;
 
 /// Whether the CPU's few-row product is on: unless `LLAVA_MED_CPU_ROW_MATMUL=0` (read once; for

@@ -1,5 +1,5 @@
-//! Decoding's float matrix products on the CPU: one input row (up to 8 where the CPU lacks AVX-512, whose
-//! register tiles take the rest: `avx512_matmul.rs`) times a weight stored `[in, out]` (the layout the CPU
+//! Decoding's float matrix products on the CPU: one input row (up to 8 where the CPU lacks AVX-512; register
+//! tiles take the rest: `tiled_matmul.rs`) times a weight stored `[in, out]` (the layout the CPU
 //! backend keeps, [`crate::linear`]). Burn's product hands these to gemm single-threaded below ~7 M
 //! multiply-adds (every decoder-layer product of the `base` shape), and one core reads memory at about
 //! half the speed two do (BENCHMARKS.md: 13.6 against 21–27 GB/s on the Intel CI machine), so a decoding

@@ -6,21 +6,22 @@ use burn::backend::tensor::FloatTensor;
 use burn::tensor::TensorData;
 
 use super::extension::FusedOps;
+use crate::kernels::has_avx2;
 use crate::kernels::host::values;
 use crate::kernels::team;
-use crate::kernels::{has_avx2, has_avx512f};
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
 mod amx_matmul;
-#[cfg(target_arch = "x86_64")]
-mod avx512_matmul;
 mod few_rows;
 mod prompt_attention;
+#[cfg(target_arch = "x86_64")]
+mod tiled_matmul;
 
 /// Most input rows [`few_rows`] takes without AVX-512 (at 8 it was level with gemm on the Intel CI
-/// machine; with AVX-512 it takes one row and the register tiles the rest).
+/// machine; with AVX-512 it takes one row and the register tiles the rest; with AVX2 the tiles take
+/// the rows past it).
 const FEW_ROWS_MAX: usize = 8;
-/// Most input rows the AVX-512 register tiles take ([`avx512_matmul`]; from there gemm was level).
+/// Most input rows the register tiles take ([`tiled_matmul`]; from there gemm was level).
 const TILED_MAX_ROWS: usize = crate::fused::row_matmul::CPU_MAX_ROWS;
 /// Fewest input rows AMX takes where the CPU has it ([`amx_matmul`]). With the weights coming from
 /// memory, as in a model (the `base` decoder's 453 MB cycled), AMX and the register tiles were level at
@@ -58,18 +59,23 @@ impl FusedOps for Flex {
             let out = amx_matmul::matmul(&values::<f32>(&x), &values::<f32>(&w), m, k, n);
             return FloatTensor::<Self>::from_data(TensorData::new(out, [m, n]));
         }
-        let wide = has_avx512f();
-        // One row streams the weight once across the threads (`few_rows`); more take register tiles of
-        // input rows where the CPU has AVX-512, and gemm past what either was measured to win at.
-        if (!wide && m > FEW_ROWS_MAX) || m > TILED_MAX_ROWS {
+        // One row streams the weight once across the threads (`few_rows`, also up to `FEW_ROWS_MAX`
+        // rows without AVX-512); more take register tiles where the CPU has AVX-512 or AVX2, and gemm
+        // past what either was measured to win at.
+        #[cfg(target_arch = "x86_64")]
+        let (tiles, wide) = (tiled_matmul::available(), crate::kernels::has_avx512f());
+        #[cfg(not(target_arch = "x86_64"))]
+        let (tiles, wide) = (false, false);
+        if !tiles && m > FEW_ROWS_MAX || m > TILED_MAX_ROWS {
             return Self::float_matmul(x, w);
         }
         let (xs, ws) = (values::<f32>(&x), values::<f32>(&w));
         #[cfg(target_arch = "x86_64")]
-        if m > 1 && wide {
-            let out = avx512_matmul::matmul(&xs, &ws, m, k, n);
+        if m > 1 && wide || m > FEW_ROWS_MAX {
+            let out = tiled_matmul::matmul(&xs, &ws, m, k, n);
             return FloatTensor::<Self>::from_data(TensorData::new(out, [m, n]));
         }
+        let _ = wide;
         let out = few_rows::matmul(&xs, &ws, m, k, n);
         FloatTensor::<Self>::from_data(TensorData::new(out, [m, n]))
     }
