@@ -224,7 +224,7 @@ mod tests {
     use crate::fused::row_matmul::{CPU_MAX_ROWS, takes_cpu_kernel};
 
     /// The float layer on the CPU takes this crate's products up to [`CPU_MAX_ROWS`] rows (one row,
-    /// register tiles or, without AVX-512, Burn's) and past it the AMX product where the CPU has one,
+    /// register tiles in AVX-512 or AVX2 or, without either, Burn's) and past it the AMX product where the CPU has one,
     /// else Burn's: every row count gives Burn's values, with the bias and the batch dimension kept.
     #[test]
     fn float_layers_on_the_cpu_match_burns_product_at_every_row_count() {

@@ -59,23 +59,21 @@ impl FusedOps for Flex {
             let out = amx_matmul::matmul(&values::<f32>(&x), &values::<f32>(&w), m, k, n);
             return FloatTensor::<Self>::from_data(TensorData::new(out, [m, n]));
         }
-        // One row streams the weight once across the threads (`few_rows`, also up to `FEW_ROWS_MAX`
-        // rows without AVX-512); more take register tiles where the CPU has AVX-512 or AVX2, and gemm
-        // past what either was measured to win at.
+        // Register tiles of input rows where the CPU has AVX-512 or AVX2 (`tiled_matmul::takes`), one
+        // row (up to `FEW_ROWS_MAX` without AVX-512) streaming the weight once across the threads
+        // (`few_rows`), and gemm past what either was measured to win at.
+        if m > TILED_MAX_ROWS {
+            return Self::float_matmul(x, w);
+        }
         #[cfg(target_arch = "x86_64")]
-        let (tiles, wide) = (tiled_matmul::available(), crate::kernels::has_avx512f());
-        #[cfg(not(target_arch = "x86_64"))]
-        let (tiles, wide) = (false, false);
-        if !tiles && m > FEW_ROWS_MAX || m > TILED_MAX_ROWS {
+        if tiled_matmul::takes(m) {
+            let out = tiled_matmul::matmul(&values::<f32>(&x), &values::<f32>(&w), m, k, n);
+            return FloatTensor::<Self>::from_data(TensorData::new(out, [m, n]));
+        }
+        if m > FEW_ROWS_MAX {
             return Self::float_matmul(x, w);
         }
         let (xs, ws) = (values::<f32>(&x), values::<f32>(&w));
-        #[cfg(target_arch = "x86_64")]
-        if m > 1 && wide || m > FEW_ROWS_MAX {
-            let out = tiled_matmul::matmul(&xs, &ws, m, k, n);
-            return FloatTensor::<Self>::from_data(TensorData::new(out, [m, n]));
-        }
-        let _ = wide;
         let out = few_rows::matmul(&xs, &ws, m, k, n);
         FloatTensor::<Self>::from_data(TensorData::new(out, [m, n]))
     }

@@ -33,6 +33,12 @@ pub(super) fn available() -> bool {
     has_avx512f() || has_avx2_fma()
 }
 
+/// Whether an input of `m` rows (at most [`super::TILED_MAX_ROWS`]) takes the tiles: from 2 rows in
+/// AVX-512, past [`super::FEW_ROWS_MAX`] in AVX2 (fewer stream the weight in `few_rows.rs`).
+pub(super) fn takes(m: usize) -> bool {
+    has_avx512f() && m > 1 || has_avx2_fma() && m > super::FEW_ROWS_MAX
+}
+
 /// `x` `[m, k]` times `w` `[k, n]`: `[m, n]`, in AVX-512 where the CPU has it, else AVX2. Only where
 /// [`available`].
 pub(super) fn matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
@@ -103,8 +109,8 @@ struct Block<'a> {
     out: &'a SharedOut,
 }
 
-/// One vector width's instructions for the tiles. The methods inline into the `target_feature`
-/// entry point of their width ([`Lanes::column_block`]), where the intrinsics compile to instructions.
+/// One vector width's instructions for the tiles. The methods inline into their width's
+/// [`Lanes::column_block`], compiled for its instruction set, where the intrinsics become instructions.
 trait Lanes {
     /// f32 lanes per vector.
     const WIDTH: usize;
@@ -146,18 +152,6 @@ struct Avx512;
 /// 8 lanes (AVX2 and FMA).
 struct Avx2;
 
-#[target_feature(enable = "avx512f")]
-unsafe fn column_block_avx512(block: &Block, panel: &mut [f32]) {
-    // SAFETY: as the caller's.
-    unsafe { column_block::<Avx512>(block, panel) }
-}
-
-#[target_feature(enable = "avx2,fma")]
-unsafe fn column_block_avx2(block: &Block, panel: &mut [f32]) {
-    // SAFETY: as the caller's.
-    unsafe { column_block::<Avx2>(block, panel) }
-}
-
 // SAFETY (every method): the callers guarantee the instruction set and the pointers' ranges.
 #[allow(clippy::undocumented_unsafe_blocks)]
 impl Lanes for Avx512 {
@@ -167,8 +161,9 @@ impl Lanes for Avx512 {
     type V = __m512;
     type Mask = __mmask16;
 
+    #[target_feature(enable = "avx512f")]
     unsafe fn column_block(block: &Block, panel: &mut [f32]) {
-        unsafe { column_block_avx512(block, panel) }
+        unsafe { column_block::<Avx512>(block, panel) }
     }
     #[inline(always)]
     unsafe fn mask(lanes: usize) -> __mmask16 {
@@ -217,8 +212,9 @@ impl Lanes for Avx2 {
     type V = __m256;
     type Mask = __m256i;
 
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn column_block(block: &Block, panel: &mut [f32]) {
-        unsafe { column_block_avx2(block, panel) }
+        unsafe { column_block::<Avx2>(block, panel) }
     }
     #[inline(always)]
     unsafe fn mask(lanes: usize) -> __m256i {
