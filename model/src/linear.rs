@@ -5,6 +5,7 @@ use burn::tensor::{Tensor, module::linear};
 
 use crate::fused::activation::silu_mul;
 use crate::fused::extension;
+use crate::fused::panel_matmul;
 use crate::fused::row_matmul::{self, ROW_MATMUL_MAX_ROWS};
 use crate::norm::RmsNorm;
 use crate::quant::QuantizedMatrix;
@@ -20,6 +21,8 @@ pub enum LinearWeight {
     FloatRows(Param<Tensor<2>>),
     /// `[out, in]` packed (PyTorch's layout: groups run along the inputs each output sums over).
     Quantized(QuantizedMatrix),
+    /// `[out / 16, in, 16]` in the float type: column panels, on AVX2-only CPUs ([`panel_matmul`]).
+    Panels(Param<Tensor<3>>),
 }
 
 /// `y = x · W + b`.
@@ -30,8 +33,12 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// A layer with a float weight `[in, out]`.
+    /// A layer with a float weight `[in, out]`, laid out in column panels where the CPU reads those
+    /// ([`panel_matmul::wanted`]).
     pub fn float(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
+        if panel_matmul::wanted(&weight.device(), weight.dtype(), weight.dims()[1]) {
+            return Self::panels(panel_matmul::of_columns(weight), bias);
+        }
         Self {
             weight: LinearWeight::Float(Param::from_tensor(weight)),
             bias: bias.map(Param::from_tensor),
@@ -42,6 +49,14 @@ impl Linear {
     pub fn float_rows(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
         Self {
             weight: LinearWeight::FloatRows(Param::from_tensor(weight)),
+            bias: bias.map(Param::from_tensor),
+        }
+    }
+
+    /// A layer with a float weight in column panels `[out / 16, in, 16]` ([`panel_matmul`]).
+    pub fn panels(panels: Tensor<3>, bias: Option<Tensor<1>>) -> Self {
+        Self {
+            weight: LinearWeight::Panels(Param::from_tensor(panels)),
             bias: bias.map(Param::from_tensor),
         }
     }
@@ -81,6 +96,11 @@ impl Linear {
             LinearWeight::Quantized(q) => {
                 dims[D - 1] = q.dims()[0];
                 q.matmul_t(x.reshape([rows, q.dims()[1]]))
+            }
+            LinearWeight::Panels(p) => {
+                let [blocks, inputs, width] = p.dims();
+                dims[D - 1] = blocks * width;
+                panel_matmul::panel_matmul(x.reshape([rows, inputs]), p.val())
             }
         };
         let y = y.reshape(dims);
@@ -220,7 +240,8 @@ impl FusedOperands<'_> {
 mod tests {
     use burn::tensor::{Device, Distribution, Tensor, module::linear};
 
-    use super::Linear;
+    use super::{Linear, LinearWeight};
+    use crate::fused::panel_matmul;
     use crate::fused::row_matmul::{CPU_MAX_ROWS, takes_cpu_kernel};
 
     /// The float layer on the CPU takes this crate's products up to [`CPU_MAX_ROWS`] rows (one row,
@@ -248,6 +269,33 @@ mod tests {
                 &want.into_data(),
                 burn::tensor::Tolerance::absolute(1e-4),
             );
+        }
+    }
+
+    /// A float layer whose outputs are a multiple of 16 is stored in column panels exactly where
+    /// [`panel_matmul::wanted`] says (AVX2-only CPUs), and gives Burn's values at every row count either
+    /// way; so does one built from panels directly on any CPU (Burn's product over the panels laid back
+    /// out where the CPU lacks AVX2).
+    #[test]
+    fn layers_over_panels_match_burns_product_at_every_row_count() {
+        let device = Device::flex();
+        let (k, n) = (203, 160);
+        let w = Tensor::<2>::random([k, n], Distribution::Uniform(-1.0, 1.0), &device);
+        let b = Tensor::<1>::random([n], Distribution::Uniform(-1.0, 1.0), &device);
+        let layer = Linear::float(w.clone(), Some(b.clone()));
+        assert_eq!(
+            matches!(layer.weight, LinearWeight::Panels(_)),
+            panel_matmul::wanted(&device, w.dtype(), n)
+        );
+        let direct = Linear::panels(panel_matmul::of_columns(w.clone()), Some(b.clone()));
+        for rows in [1, 2, 7, 9, 45, CPU_MAX_ROWS + 1, 242] {
+            let x = Tensor::<3>::random([1, rows, k], Distribution::Uniform(-1.0, 1.0), &device);
+            let want = linear(x.clone(), w.clone(), Some(b.clone())).into_data();
+            for got in [layer.forward(x.clone()), direct.forward(x)] {
+                assert_eq!(got.dims(), [1, rows, n]);
+                got.into_data()
+                    .assert_approx_eq::<f32>(&want, burn::tensor::Tolerance::absolute(1e-4));
+            }
         }
     }
 }

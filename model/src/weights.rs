@@ -13,6 +13,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::embedding::TokenEmbedding;
 use crate::error::{Error, Result};
+use crate::fused::panel_matmul;
 use crate::host_memory::zeroed_on_huge_pages;
 use crate::linear::Linear;
 use crate::quant::{Quantization, QuantizedMatrix, pack};
@@ -390,6 +391,16 @@ impl WeightLoader<'_> {
                 None if self.rows_layout() => {
                     Linear::float_rows(self.made_up(&name, [total, d_in]), bias)
                 }
+                // `made_up`'s values for `[in, out]`, laid out in panels on the host.
+                None if panel_matmul::wanted(&self.device, self.dtype, total) => {
+                    let columns = random_host(&name, d_in * total);
+                    self.panel_linear(
+                        panel_matmul::from_columns(&columns, d_in, total),
+                        d_in,
+                        total,
+                        bias,
+                    )
+                }
                 None => Linear::float(self.made_up(&name, [d_in, total]), bias),
             });
         };
@@ -412,11 +423,32 @@ impl WeightLoader<'_> {
             None if self.rows_layout() => {
                 Linear::float_rows(self.upload(rows, vec![total, d_in]), bias)
             }
+            // Straight from PyTorch's rows: never laid out `[in, out]` first.
+            None if panel_matmul::wanted(&self.device, self.dtype, total) => self.panel_linear(
+                panel_matmul::from_rows(&rows, total, d_in),
+                d_in,
+                total,
+                bias,
+            ),
             None => Linear::float(
                 self.upload(transpose(&rows, total, d_in), vec![d_in, total]),
                 bias,
             ),
         })
+    }
+
+    /// A layer whose weight `[d_in, total]` is `panels` ([`panel_matmul`]).
+    fn panel_linear(
+        &self,
+        panels: Vec<f32>,
+        d_in: usize,
+        total: usize,
+        bias: Option<Tensor<1>>,
+    ) -> Linear {
+        Linear::panels(
+            panel_matmul::upload(panels, d_in, total, &self.device),
+            bias,
+        )
     }
 
     /// Whether float linear weights are kept a row per output, `[out, in]`, as the one-row product kernel
@@ -598,6 +630,36 @@ mod tests {
         let mut w = WeightLoader::random(&device, DType::F32);
         let ones = w.tensor("model.norm.weight", [4]).unwrap().into_data();
         ones.assert_eq(&TensorData::new(vec![1.0f32; 4], [4]), true);
+    }
+
+    /// A random model's float linear layer multiplies by the host generator's values laid out `[in, out]`
+    /// whatever layout this CPU keeps it in (column panels on AVX2-only CPUs, `[in, out]` elsewhere).
+    #[cfg(feature = "cpu")]
+    #[test]
+    fn random_linear_layers_hold_the_same_weights_in_any_layout() {
+        let device = Device::flex();
+        let (d_in, d_out) = (40, 48);
+        let layer = WeightLoader::random(&device, DType::F32)
+            .linear("model.layers.0.mlp.up_proj", d_in, d_out, false)
+            .unwrap();
+        let w = Tensor::<2>::from_data(
+            TensorData::new(
+                random_host("model.layers.0.mlp.up_proj.weight", d_in * d_out),
+                [d_in, d_out],
+            ),
+            &device,
+        );
+        let x = Tensor::<2>::from_data(
+            TensorData::new(random_host("x", 3 * d_in), [3, d_in]),
+            &device,
+        );
+        layer
+            .forward(x.clone())
+            .into_data()
+            .assert_approx_eq::<f32>(
+                &x.matmul(w).into_data(),
+                burn::tensor::Tolerance::absolute(1e-6),
+            );
     }
 
     #[test]

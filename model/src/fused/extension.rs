@@ -69,6 +69,14 @@ pub trait FusedOps: burn::backend::Backend {
         Self::float_matmul(x, w)
     }
 
+    /// `x` `[m, k]` times the weight stored in column panels `panels` `[n / w, k, w]`
+    /// ([`super::panel_matmul`]): `[m, n]`. By default Burn's product over the panels laid back out as
+    /// `[k, n]`; on the CPU backend the AVX2 register tiles read them in place (`cpu/tiled_matmul.rs`).
+    #[fusion(dtype = x, shape = Shape::new([x[0], panels[0] * panels[2]]))]
+    fn panel_matmul(x: FloatTensor<Self>, panels: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_matmul(x, panel_columns::<Self>(panels))
+    }
+
     /// [`FusedOps::row_matmul`] of `x`'s RMSNorm with `norm` `[k]`: `[m, n]`; with `silu`, `silu(gate) ·
     /// up` of the product's halves (`w` holds SwiGLU's gate rows, then its up rows): `[m, n / 2]`. By
     /// default [`FusedOps::rms_norm`], the product and [`FusedOps::silu_mul`]; one launch on CubeCL
@@ -167,6 +175,13 @@ pub(crate) fn norm_then<B: FusedOps>(
 ) -> FloatTensor<B> {
     let y = product(B::rms_norm(x, norm, eps));
     if silu { B::silu_mul(y) } else { y }
+}
+
+/// Column panels `[n / w, k, w]` laid back out as the `[k, n]` weight they hold.
+pub(crate) fn panel_columns<B: FusedOps>(panels: FloatTensor<B>) -> FloatTensor<B> {
+    let shape = panels.shape();
+    let (k, n) = (shape[1], shape[0] * shape[2]);
+    B::float_reshape(B::float_swap_dims(panels, 0, 1), Shape::new([k, n]))
 }
 
 /// The shape with its last dimension halved (declared to the fusion backend).
@@ -326,6 +341,14 @@ pub fn few_rows_matmul(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::few_rows_matmul(
         x.into_dispatch(),
         w.into_dispatch(),
+    ))
+}
+
+/// [`FusedOps::panel_matmul`] on tensors.
+pub fn panel_matmul(x: Tensor<2>, panels: Tensor<3>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::panel_matmul(
+        x.into_dispatch(),
+        panels.into_dispatch(),
     ))
 }
 

@@ -15,6 +15,7 @@ pub mod cpu;
 #[cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda"))]
 pub mod cube;
 pub mod extension;
+pub mod panel_matmul;
 pub mod prompt_attention;
 pub mod rms_norm;
 pub mod rope;

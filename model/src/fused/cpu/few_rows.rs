@@ -1,6 +1,7 @@
 //! Decoding's float matrix products on the CPU: one input row (up to 8 where the CPU lacks AVX-512; register
 //! tiles take the rest: `tiled_matmul.rs`) times a weight stored `[in, out]` (the layout the CPU
-//! backend keeps, [`crate::linear`]). Burn's product hands these to gemm single-threaded below ~7 M
+//! backend keeps, [`crate::linear`]; AVX2-only CPUs keep most layers in column panels instead, which the
+//! tiles read at every row count: `crate::fused::panel_matmul`). Burn's product hands these to gemm single-threaded below ~7 M
 //! multiply-adds (every decoder-layer product of the `base` shape), and one core reads memory at about
 //! half the speed two do (BENCHMARKS.md: 13.6 against 21–27 GB/s on the Intel CI machine), so a decoding
 //! step ran at one core's bandwidth. Here the weight is cut into tiles that each thread streams once: whole

@@ -78,6 +78,29 @@ impl FusedOps for Flex {
         FloatTensor::<Self>::from_data(TensorData::new(out, [m, n]))
     }
 
+    fn panel_matmul(x: FloatTensor<Self>, panels: FloatTensor<Self>) -> FloatTensor<Self> {
+        use burn::backend::ops::FloatTensorOps;
+        use burn::tensor::DType;
+        let (m, k) = (x.layout().shape()[0], x.layout().shape()[1]);
+        let shape = panels.layout().shape().to_vec();
+        let n = shape[0] * shape[2];
+        // Panels are made only for AVX2 CPUs in f32 (`panel_matmul::wanted`); anything else is laid back
+        // out for Burn's product.
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::has_avx2_fma()
+            && shape[1] == k
+            && shape[2] == crate::fused::panel_matmul::PANEL_WIDTH
+            && x.dtype() == DType::F32
+            && panels.dtype() == DType::F32
+        {
+            let out =
+                tiled_matmul::matmul_panels(&values::<f32>(&x), &values::<f32>(&panels), m, k, n);
+            return FloatTensor::<Self>::from_data(TensorData::new(out, [m, n]));
+        }
+        let _ = (m, n);
+        Self::float_matmul(x, super::extension::panel_columns::<Self>(panels))
+    }
+
     fn silu_mul(gate_up: FloatTensor<Self>) -> FloatTensor<Self> {
         let mut shape = gate_up.layout().shape().to_vec();
         let width = shape.last().copied().unwrap_or(0);

@@ -1,16 +1,20 @@
-//! Prompt-sized float products in x86 register tiles: `x` `[m, k]` times a weight stored `[k, n]` (the
-//! CPU backend's layout) for a few to 128 rows (a follow-up question's prefill, a text prompt, a batch's
-//! decoding step), in AVX-512 (2 rows and up) or, without it, AVX2 with FMA (from 9 rows; fewer take
-//! `few_rows.rs`). gemm, Burn's CPU product, falls off below 128 rows: on the `base` shape's products it
-//! reached ~100 GFLOP/s at 45–96 rows and ~200 from 128 on the Intel CI machine, where PyTorch reached
-//! 184 at 45 rows, and 40–80 GFLOP/s at 16–64 rows on the AVX2-only EPYC (Zen 3; BENCHMARKS.md). Here a
-//! panel of [`PANEL_BYTES`] of weight rows by a block of columns is fetched from memory once and used by
-//! every block of [`Lanes::MR`] input rows, whose sums stay in registers, each multiply-add one fused
-//! instruction on a vector's lanes. Longer inputs (a first prompt with an image, the vision tower) take
-//! AMX where the CPU has it (`amx_matmul.rs`, from 64 rows: with the weights coming from memory it
-//! overtook these tiles there), else stay with gemm, tuned for more CPUs than this was. Threads take
-//! ranges of column blocks, which write disjoint outputs; each runs the input's panels in order over its
-//! blocks, so a panel of `x` is reused from cache across them.
+//! Float products in x86 register tiles: `x` `[m, k]` times a weight stored `[k, n]` (the CPU backend's
+//! layout) for a few to 128 rows (a follow-up question's prefill, a text prompt, a batch's decoding step),
+//! in AVX-512 (2 rows and up) or, without it, AVX2 with FMA (from 9 rows; fewer take `few_rows.rs`); and
+//! on AVX2-only CPUs every product of a layer stored in column panels (`crate::fused::panel_matmul`),
+//! from one row to a prompt with an image. gemm, Burn's CPU product, falls off below 128 rows: on the
+//! `base` shape's products it reached ~100 GFLOP/s at 45–96 rows and ~200 from 128 on the Intel CI
+//! machine, where PyTorch reached 184 at 45 rows, and 40–80 GFLOP/s at 16–64 rows on the AVX2-only EPYC
+//! (Zen 3; BENCHMARKS.md). Here a panel of [`PANEL_BYTES`] of weight rows by a block of columns is
+//! fetched from memory once and used by every block of [`Lanes::MR`] input rows, whose sums stay in
+//! registers, each multiply-add one fused instruction on a vector's lanes. From `[k, n]` a panel is
+//! copied into contiguous rows first; stored in panels it is read in place (which put the AVX2 tiles
+//! 3–25 % ahead of gemm at 197–242 rows, level at 512, gemm packing its own copy of the weight on every
+//! call). Longer
+//! inputs against `[k, n]` (a first prompt with an image, the vision tower) take AMX where the CPU has it
+//! (`amx_matmul.rs`, from 64 rows: with the weights coming from memory it overtook these tiles there),
+//! else stay with gemm. Threads take ranges of column blocks, which write disjoint outputs; each runs the
+//! input's panels in order over its blocks, so a panel of `x` is reused from cache across them.
 
 use std::arch::x86_64::*;
 
@@ -27,6 +31,8 @@ const PANEL_BYTES: usize = 24 * 1024;
 const PACK_MIN_ROWS: usize = 8;
 /// Below this many multiply-adds the product runs on the calling thread.
 const MIN_PARALLEL_MACS: usize = 1 << 20;
+/// From this many weights a product over panels runs on every thread whatever its rows.
+const MIN_PARALLEL_WEIGHTS: usize = 64 * 1024;
 
 /// Whether this CPU has the instructions of either width.
 pub(super) fn available() -> bool {
@@ -46,21 +52,52 @@ pub(super) fn matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<
         available(),
         "the tiled product needs AVX-512F or AVX2 with FMA"
     );
+    assert_eq!(w.len(), k * n);
     if has_avx512f() {
-        matmul_with::<Avx512>(x, w, m, k, n)
+        matmul_with::<Avx512>(x, Weight::Columns(w), m, k, n)
     } else {
-        matmul_with::<Avx2>(x, w, m, k, n)
+        matmul_with::<Avx2>(x, Weight::Columns(w), m, k, n)
     }
 }
 
-fn matmul_with<L: Lanes>(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+/// `x` `[m, k]` times the weight whose AVX2 column panels are `panels` (`[n / 16, k, 16]`,
+/// [`crate::fused::panel_matmul`]): `[m, n]`, for any `m`. Only where the CPU has AVX2 and FMA.
+pub(super) fn matmul_panels(x: &[f32], panels: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    assert!(has_avx2_fma(), "the panel product needs AVX2 with FMA");
+    assert_eq!(
+        Avx2::NV * Avx2::WIDTH,
+        crate::fused::panel_matmul::PANEL_WIDTH
+    );
+    assert!(n.is_multiple_of(Avx2::NV * Avx2::WIDTH) && panels.len() == k * n);
+    matmul_with::<Avx2>(x, Weight::Panels(panels), m, k, n)
+}
+
+/// Where a product's weight `[k, n]` lies.
+#[derive(Clone, Copy)]
+enum Weight<'a> {
+    /// `[k, n]` itself, a block's rows `n` apart: copied panel by panel.
+    Columns(&'a [f32]),
+    /// Already in panels of this width's block, `[n / block, k, block]`: read in place.
+    Panels(&'a [f32]),
+}
+
+fn matmul_with<L: Lanes>(x: &[f32], w: Weight, m: usize, k: usize, n: usize) -> Vec<f32> {
     assert_eq!(x.len(), m * k);
-    assert_eq!(w.len(), k * n);
     let mut out = vec![0.0f32; m * n];
     let block_width = L::NV * L::WIDTH;
-    let panel_rows = PANEL_BYTES / (4 * block_width);
+    // Inputs of one register tile's rows run each block's whole panel at once: a task's blocks are then
+    // one contiguous stream (the prefetcher's best case), and `x` is small enough to stay in cache.
+    let whole = matches!(w, Weight::Panels(_)) && m <= L::MR;
+    let panel_rows = if whole {
+        k.max(1)
+    } else {
+        PANEL_BYTES / (4 * block_width)
+    };
     let blocks = n.div_ceil(block_width);
-    let threads = if m * k * n < MIN_PARALLEL_MACS {
+    // Panels are streamed from memory at any row count: from a few rows, the more threads read, the
+    // sooner they are through (as `few_rows.rs`).
+    let streamed = matches!(w, Weight::Panels(_)) && k * n >= MIN_PARALLEL_WEIGHTS;
+    let threads = if m * k * n < MIN_PARALLEL_MACS && !streamed {
         1
     } else {
         rayon::current_num_threads()
@@ -69,9 +106,9 @@ fn matmul_with<L: Lanes>(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> 
     let per_task = blocks.div_ceil(TASKS_PER_THREAD * threads).max(1);
     let tasks = blocks.div_ceil(per_task);
     let out_at = SharedOut(out.as_mut_ptr());
-    let pack = m > PACK_MIN_ROWS;
+    let copy = m > PACK_MIN_ROWS && matches!(w, Weight::Columns(_));
     let task = |t: usize| {
-        let mut panel = AlignedScratch::zeroed(if pack { panel_rows * block_width } else { 0 });
+        let mut panel = AlignedScratch::zeroed(if copy { panel_rows * block_width } else { 0 });
         for k0 in (0..k).step_by(panel_rows) {
             for b in t * per_task..((t + 1) * per_task).min(blocks) {
                 let block = Block {
@@ -99,7 +136,7 @@ fn matmul_with<L: Lanes>(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> 
 /// `k0..k0 + kc` and the block's columns from `c0`, added into `out` `[m, n]`.
 struct Block<'a> {
     x: &'a [f32],
-    w: &'a [f32],
+    w: Weight<'a>,
     m: usize,
     k: usize,
     n: usize,
@@ -283,26 +320,31 @@ unsafe fn column_block<L: Lanes>(block: &Block, panel: &mut [f32]) {
     let tail = width - L::WIDTH * (vectors - 1);
     // SAFETY: the caller checked the instruction set.
     let mask = unsafe { L::mask(tail) };
-    let (panel_at, panel_stride) = if panel.is_empty() {
-        (w[k0 * n + c0..].as_ptr(), n)
-    } else {
-        for (i, row) in panel.chunks_exact_mut(block_width).take(kc).enumerate() {
-            let src = &w[(k0 + i) * n + c0..][..width];
-            if width == block_width {
-                // Whole vectors in registers: a `memcpy` call per row (its length known only at run
-                // time) cost as much as the row's arithmetic at AVX2's 16 columns.
-                for v in 0..L::NV {
-                    // SAFETY: `src` and `row` hold `NV` vectors.
-                    unsafe {
-                        let at = L::WIDTH * v;
-                        L::store(row.as_mut_ptr().add(at), L::load(src.as_ptr().add(at)));
+    let (panel_at, panel_stride) = match w {
+        Weight::Panels(panels) => (
+            panels[(c0 / block_width * k + k0) * block_width..].as_ptr(),
+            block_width,
+        ),
+        Weight::Columns(w) if panel.is_empty() => (w[k0 * n + c0..].as_ptr(), n),
+        Weight::Columns(w) => {
+            for (i, row) in panel.chunks_exact_mut(block_width).take(kc).enumerate() {
+                let src = &w[(k0 + i) * n + c0..][..width];
+                if width == block_width {
+                    // Whole vectors in registers: a `memcpy` call per row (its length known only at
+                    // run time) cost as much as the row's arithmetic at AVX2's 16 columns.
+                    for v in 0..L::NV {
+                        // SAFETY: `src` and `row` hold `NV` vectors.
+                        unsafe {
+                            let at = L::WIDTH * v;
+                            L::store(row.as_mut_ptr().add(at), L::load(src.as_ptr().add(at)));
+                        }
                     }
+                } else {
+                    row[..width].copy_from_slice(src);
                 }
-            } else {
-                row[..width].copy_from_slice(src);
             }
+            (panel.as_ptr(), block_width)
         }
-        (panel.as_ptr(), block_width)
     };
     for r0 in (0..m).step_by(L::MR) {
         let tile = Tile::<L> {
@@ -444,13 +486,39 @@ mod tests {
             let want = reference_product(&x, m, k, n, |i, c| w[i * n + c]);
             // Both widths where the CPU has them (AVX-512 CPUs have AVX2 too).
             if has_avx512f() {
-                let got = matmul_with::<Avx512>(&x, &w, m, k, n);
+                let got = matmul_with::<Avx512>(&x, Weight::Columns(&w), m, k, n);
                 assert_relative(&format!("AVX-512 ({m}, {k}, {n})"), &got, &want, 1e-4);
             }
             if has_avx2_fma() {
-                let got = matmul_with::<Avx2>(&x, &w, m, k, n);
+                let got = matmul_with::<Avx2>(&x, Weight::Columns(&w), m, k, n);
                 assert_relative(&format!("AVX2 ({m}, {k}, {n})"), &got, &want, 1e-4);
             }
+        }
+    }
+
+    /// The product over AVX2 panels at one row to past a register tile, inputs short of and past a
+    /// panel's rows, one block to many, on one thread and on all.
+    #[test]
+    fn products_over_panels_match_the_reference() {
+        if !has_avx2_fma() {
+            eprintln!("skipped: this CPU lacks AVX2 with FMA");
+            return;
+        }
+        for (m, k, n) in [
+            (1, 1, 16),
+            (1, 800, 32),
+            (2, 5, 48),
+            (7, 800, 64),
+            (9, 130, 16),
+            (45, 768, 784),
+            (130, 600, 208),
+            (200, 390, 32),
+        ] {
+            let (x, w) = (unit_values(m * k, 5), unit_values(k * n, 6));
+            let want = reference_product(&x, m, k, n, |i, c| w[i * n + c]);
+            let panels = crate::fused::panel_matmul::from_columns(&w, k, n);
+            let got = matmul_panels(&x, &panels, m, k, n);
+            assert_relative(&format!("panels ({m}, {k}, {n})"), &got, &want, 1e-4);
         }
     }
 }
