@@ -10,10 +10,9 @@
 //! registers, each multiply-add one fused instruction on a vector's lanes. From `[k, n]` a panel is
 //! copied into contiguous rows first; stored in panels it is read in place (which put the AVX2 tiles
 //! 3–25 % ahead of gemm at 197–242 rows, level at 512, gemm packing its own copy of the weight on every
-//! call). Longer
-//! inputs against `[k, n]` (a first prompt with an image, the vision tower) take AMX where the CPU has it
-//! (`amx_matmul.rs`, from 64 rows: with the weights coming from memory it overtook these tiles there),
-//! else stay with gemm. Threads take ranges of column blocks, which write disjoint outputs; each runs the
+//! call). Longer inputs against `[k, n]` (a first prompt with an image, the vision tower) take AMX where
+//! the CPU has it (`amx_matmul.rs`, from 64 rows: with the weights coming from memory it overtook these
+//! tiles there), else stay with gemm. Threads take ranges of column blocks, which write disjoint outputs; each runs the
 //! input's panels in order over its blocks, so a panel of `x` is reused from cache across them.
 
 use std::arch::x86_64::*;
