@@ -391,15 +391,10 @@ impl WeightLoader<'_> {
                 None if self.rows_layout() => {
                     Linear::float_rows(self.made_up(&name, [total, d_in]), bias)
                 }
-                // `made_up`'s values for `[in, out]`, laid out in panels on the host.
+                // `made_up`'s values for `[in, out]`, drawn into panels.
                 None if panel_matmul::wanted(&self.device, self.dtype, total) => {
-                    let columns = random_host(&name, d_in * total);
-                    self.panel_linear(
-                        panel_matmul::from_columns(&columns, d_in, total),
-                        d_in,
-                        total,
-                        bias,
-                    )
+                    let panels = random_panels(&name, d_in, total);
+                    self.panel_linear(panels, d_in, total, bias)
                 }
                 None => Linear::float(self.made_up(&name, [d_in, total]), bias),
             });
@@ -547,46 +542,62 @@ impl WeightLoader<'_> {
 /// quantiser takes them, by all cores: drawing them on the device and reading them back took most of the
 /// 72 s a random 7B model took to load with `--quant int4` on an H200 machine. Deterministic per name.
 fn random_host(name: &str, len: usize) -> Vec<f32> {
-    // FNV-1a of the name: each matrix its own stream.
-    let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+    random_values(name_seed(name), len)
+}
+
+/// FNV-1a of a tensor's name: each matrix its own stream.
+fn name_seed(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    });
-    random_values(seed, len)
+    })
 }
 
 /// `len` random values ≈ N(0, 0.02) from `seed` (sums of four xorshift uniforms: close enough to a
 /// Gaussian for weights and rounding statistics), drawn by all cores; the same for the same seed on
 /// any machine.
 pub fn random_values(seed: u64, len: usize) -> Vec<f32> {
-    // One stream per stretch of STREAM values, whatever the number of cores: the same values everywhere.
-    const STREAM: usize = 1 << 16;
     let mut out = zeroed_on_huge_pages::<f32>(len);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let per_thread = len.div_ceil(STREAM).div_ceil(threads).max(1) * STREAM;
+    let per_thread = len.div_ceil(RANDOM_STRETCH).div_ceil(threads).max(1) * RANDOM_STRETCH;
     std::thread::scope(|scope| {
         for (t, part) in out.chunks_mut(per_thread).enumerate() {
             scope.spawn(move || {
-                for (j, stretch) in part.chunks_mut(STREAM).enumerate() {
-                    let index = (t * per_thread / STREAM + j) as u64;
-                    let mut s = (seed ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
-                    // The sum of four uniforms on [-0.5, 0.5) has variance 1/3: scaled to a 0.02
-                    // deviation.
-                    let scale = 0.02 * 3f32.sqrt();
-                    for v in stretch {
-                        let mut acc = 0.0f32;
-                        for _ in 0..4 {
-                            s ^= s << 13;
-                            s ^= s >> 7;
-                            s ^= s << 17;
-                            acc += (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-                        }
-                        *v = acc * scale;
-                    }
+                for (j, stretch) in part.chunks_mut(RANDOM_STRETCH).enumerate() {
+                    draw_stretch(seed, t * per_thread / RANDOM_STRETCH + j, stretch);
                 }
             });
         }
     });
     out
+}
+
+/// Values per stream of [`random_values`], whatever the number of cores: the same values everywhere.
+const RANDOM_STRETCH: usize = 1 << 16;
+
+/// Stretch `index` of [`random_values`]`(seed, ..)` into `stretch` (at most [`RANDOM_STRETCH`] values).
+fn draw_stretch(seed: u64, index: usize, stretch: &mut [f32]) {
+    let mut s = (seed ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
+    // The sum of four uniforms on [-0.5, 0.5) has variance 1/3: scaled to a 0.02 deviation.
+    let scale = 0.02 * 3f32.sqrt();
+    for v in stretch {
+        let mut acc = 0.0f32;
+        for _ in 0..4 {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            acc += (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+        }
+        *v = acc * scale;
+    }
+}
+
+/// [`random_host`]`(name, k · n)` read as a `[k, n]` weight, in column panels ([`panel_matmul`]): each
+/// stretch written into place as it is drawn, without the `[k, n]` copy first.
+fn random_panels(name: &str, k: usize, n: usize) -> Vec<f32> {
+    let seed = name_seed(name);
+    panel_matmul::from_stretches(k, n, RANDOM_STRETCH, |index, values| {
+        draw_stretch(seed, index, values)
+    })
 }
 
 /// Row-major [rows, cols] → [cols, rows], blocked for cache friendliness.

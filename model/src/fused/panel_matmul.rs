@@ -64,6 +64,62 @@ pub fn from_columns(w: &[f32], k: usize, n: usize) -> Vec<f32> {
     panels
 }
 
+/// The panels of a `[k, n]` weight whose values, in row-major order, come in stretches of `stretch`
+/// values: stretch `s` (values `s · stretch..`) drawn by `draw(s, values)` on one of the cores and
+/// written into place from there (a random model's weights, without a `[k, n]` copy first).
+pub fn from_stretches(
+    k: usize,
+    n: usize,
+    stretch: usize,
+    draw: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    assert!(n.is_multiple_of(PANEL_WIDTH) && stretch > 0, "{n} outputs");
+    let len = k * n;
+    let mut panels = zeroed_on_huge_pages::<f32>(len);
+    let stretches = len.div_ceil(stretch);
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    let per_thread = stretches.div_ceil(threads).max(1);
+    let out = Disjoint(panels.as_mut_ptr());
+    let (out, draw) = (&out, &draw);
+    std::thread::scope(|scope| {
+        for t in 0..threads.min(stretches) {
+            scope.spawn(move || {
+                let mut values = vec![0.0f32; stretch];
+                for s in t * per_thread..((t + 1) * per_thread).min(stretches) {
+                    let start = s * stretch;
+                    let values = &mut values[..stretch.min(len - start)];
+                    draw(s, values);
+                    // Runs of a row inside one panel: value (i, c) goes to panel c / 16, row i.
+                    let (mut i, mut c) = (start / n, start % n);
+                    let mut rest = &values[..];
+                    while !rest.is_empty() {
+                        let run = (PANEL_WIDTH - c % PANEL_WIDTH).min(rest.len());
+                        let at = ((c / PANEL_WIDTH) * k + i) * PANEL_WIDTH + c % PANEL_WIDTH;
+                        // SAFETY: (i, c) ↦ `at` is one-to-one onto `0..len`, and the stretches, so
+                        // their runs, are disjoint: no two threads write one value; `at + run` stays
+                        // inside the run's panel row.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(rest.as_ptr(), out.0.add(at), run);
+                        }
+                        rest = &rest[run..];
+                        c += run;
+                        if c == n {
+                            (i, c) = (i + 1, 0);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    panels
+}
+
+/// The panels' buffer, written by several threads at disjoint places ([`from_stretches`]).
+struct Disjoint(*mut f32);
+
+// SAFETY: the threads holding it write disjoint values, and the buffer outlives them (a scope).
+unsafe impl Sync for Disjoint {}
+
 /// Calls `fill(b, panel)` for each panel (`k` × 16 values) of `panels`, the panels shared out over
 /// every core (a model's weights are laid out at load, ~1 GB for `base`).
 fn fill_panels(panels: &mut [f32], k: usize, fill: impl Fn(usize, &mut [f32]) + Sync) {
@@ -135,6 +191,12 @@ mod tests {
             let rows: Vec<f32> = (0..n * k).map(|j| w[(j % k) * n + j / k]).collect();
             let panels = from_columns(&w, k, n);
             assert_eq!(panels, from_rows(&rows, n, k), "({k}, {n})");
+            for stretch in [1, 7, 16, 100, k * n] {
+                let drawn = from_stretches(k, n, stretch, |s, values| {
+                    values.copy_from_slice(&w[s * stretch..][..values.len()])
+                });
+                assert_eq!(panels, drawn, "({k}, {n}) in stretches of {stretch}");
+            }
             for (i, c) in [(0, 0), (k - 1, n - 1), (k / 2, 17 % n)] {
                 let at = ((c / PANEL_WIDTH) * k + i) * PANEL_WIDTH + c % PANEL_WIDTH;
                 assert_eq!(panels[at], w[i * n + c]);
