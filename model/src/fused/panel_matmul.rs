@@ -5,9 +5,9 @@
 //! machine): here they are laid out once, at load. On that machine, weights from memory, the tiles over
 //! panels ran 1.2–2× the copying tiles at 4–45 rows, level to 1.1× the one-row kernel (`few_rows.rs`)
 //! and 3–25 % ahead of gemm at 197–242 rows, level at 512 (BENCHMARKS.md), so every product of a
-//! panel-stored layer takes them. CPUs with AVX-512 keep
-//! `[in, out]` (their tiles and AMX read it), as does every other backend, a 16-bit model, a width not a
-//! multiple of 16, and `LLAVA_MED_CPU_ROW_MATMUL=0` (Burn's product, for comparison).
+//! panel-stored layer takes them. CPUs with AVX-512 keep `[in, out]` (their tiles and AMX read it), as
+//! does every other backend, a 16-bit model, a width not a multiple of 16, and
+//! `LLAVA_MED_CPU_ROW_MATMUL=0` (Burn's product, for comparison).
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
