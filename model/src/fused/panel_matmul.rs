@@ -54,14 +54,10 @@ pub fn from_rows(rows: &[f32], n: usize, k: usize) -> Vec<f32> {
 /// [`from_rows`]'.
 pub fn from_columns(w: &[f32], k: usize, n: usize) -> Vec<f32> {
     assert_eq!(w.len(), k * n, "a [{k}, {n}] weight");
-    assert!(n.is_multiple_of(PANEL_WIDTH), "{n} outputs");
-    let mut panels = zeroed_on_huge_pages::<f32>(n * k);
-    fill_panels(&mut panels, k, |b, panel| {
-        for (i, out) in panel.chunks_exact_mut(PANEL_WIDTH).enumerate() {
-            out.copy_from_slice(&w[i * n + b * PANEL_WIDTH..][..PANEL_WIDTH]);
-        }
-    });
-    panels
+    // Its rows are the stretches, in order.
+    from_stretches(k, n, n.max(1), |i, row| {
+        row.copy_from_slice(&w[i * n..][..row.len()])
+    })
 }
 
 /// The panels of a `[k, n]` weight whose values, in row-major order, come in stretches of `stretch`

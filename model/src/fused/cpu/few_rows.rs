@@ -1,15 +1,15 @@
-//! Decoding's float matrix products on the CPU: one input row (up to 8 where the CPU lacks AVX-512; register
-//! tiles take the rest: `tiled_matmul.rs`) times a weight stored `[in, out]` (the layout the CPU
+//! Decoding's float matrix products on the CPU: one input row (up to 8 where the CPU lacks AVX-512;
+//! register tiles take the rest: `tiled_matmul.rs`) times a weight stored `[in, out]` (the layout the CPU
 //! backend keeps, [`crate::linear`]; AVX2-only CPUs keep most layers in column panels instead, which the
-//! tiles read at every row count: `crate::fused::panel_matmul`). Burn's product hands these to gemm single-threaded below ~7 M
-//! multiply-adds (every decoder-layer product of the `base` shape), and one core reads memory at about
+//! tiles read at every row count: `crate::fused::panel_matmul`). Burn's product hands these to gemm
+//! single-threaded below ~7 M multiply-adds (every decoder-layer product of the `base` shape), and one core reads memory at about
 //! half the speed two do (BENCHMARKS.md: 13.6 against 21–27 GB/s on the Intel CI machine), so a decoding
 //! step ran at one core's bandwidth. Here the weight is cut into tiles that each thread streams once: whole
 //! rows when the outputs are few (one contiguous block per task, the prefetcher's best case), else column
 //! blocks whose sums stay in L1; tiles that split the inputs add into their own partial sums, added up at
 //! the end.
 
-use super::{dot_lanes, mad};
+use super::{MIN_PARALLEL_WEIGHTS, dot_lanes, mad};
 use crate::kernels::has_avx2_fma;
 use crate::kernels::host::SharedOut;
 use crate::kernels::team::{self, TASKS_PER_THREAD};
@@ -18,8 +18,6 @@ use crate::kernels::team::{self, TASKS_PER_THREAD};
 const MAX_BLOCK: usize = 2048;
 /// Fewest weight rows a task takes (shorter runs cost more in hand-offs than they spread).
 const MIN_TASK_ROWS: usize = 64;
-/// Below this many weights the product runs on the calling thread: waking the others costs more.
-const MIN_PARALLEL_WEIGHTS: usize = 64 * 1024;
 
 /// How a product is cut into tasks: `splits` ranges of input rows times `blocks` column blocks of
 /// `width` outputs.

@@ -32,6 +32,9 @@ const AMX_MIN_ROWS: usize = 64;
 
 /// Values per parallel task (below it, thread hand-offs cost more than they save).
 const CHUNK: usize = 16 * 1024;
+/// Below this many weights a product streaming its weight (`few_rows.rs`, the tiles over panels) runs
+/// on the calling thread: waking the others costs more.
+const MIN_PARALLEL_WEIGHTS: usize = 64 * 1024;
 
 impl FusedOps for Flex {
     /// The CPU's float weights are stored `[in, out]`; a weight stored a row per output here is a tied

@@ -30,8 +30,6 @@ const PANEL_BYTES: usize = 24 * 1024;
 const PACK_MIN_ROWS: usize = 8;
 /// Below this many multiply-adds the product runs on the calling thread.
 const MIN_PARALLEL_MACS: usize = 1 << 20;
-/// From this many weights a product over panels runs on every thread whatever its rows.
-const MIN_PARALLEL_WEIGHTS: usize = 64 * 1024;
 
 /// Whether this CPU has the instructions of either width.
 pub(super) fn available() -> bool {
@@ -95,7 +93,7 @@ fn matmul_with<L: Lanes>(x: &[f32], w: Weight, m: usize, k: usize, n: usize) -> 
     let blocks = n.div_ceil(block_width);
     // Panels are streamed from memory at any row count: from a few rows, the more threads read, the
     // sooner they are through (as `few_rows.rs`).
-    let streamed = matches!(w, Weight::Panels(_)) && k * n >= MIN_PARALLEL_WEIGHTS;
+    let streamed = matches!(w, Weight::Panels(_)) && k * n >= super::MIN_PARALLEL_WEIGHTS;
     let threads = if m * k * n < MIN_PARALLEL_MACS && !streamed {
         1
     } else {
