@@ -2,7 +2,9 @@
 //! row by each weight matrix, and unpacking the whole matrix with generic tensor ops first (a dozen passes
 //! over it) made that 50× slower than f32. Here each group's codes are unpacked into registers and used at
 //! once (in AVX-512 or AVX2 where the CPU has them: `x86.rs`, else the portable loop below); longer inputs
-//! (prefill, the vision tower) are dequantised a cache-sized tile of output channels at a time and
+//! (prefill, the vision tower) are rounded to 16-bit integers and multiplied by the codes in integer dot
+//! products on x86 CPUs with AVX2 or AVX-512 VNNI (`vnni.rs`, `int16_avx2.rs`), elsewhere (or with
+//! `LLAVA_MED_CPU_INT16_INPUTS=0`) dequantised a cache-sized tile of output channels at a time and
 //! multiplied by gemm there.
 
 use std::borrow::Cow;
@@ -12,6 +14,8 @@ use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::tensor::TensorData;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+mod int16_avx2;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
 #[cfg(target_arch = "x86_64")]
@@ -153,11 +157,11 @@ impl<'a> Packing<'a> {
     }
 
     /// Longer inputs (prefill, the vision tower): in integer dot products where the CPU has AVX-512 VNNI
-    /// ([`vnni`]), else in f32 ([`Packing::matmul_t_float`]).
+    /// or AVX2 ([`vnni`]), else in f32 ([`Packing::matmul_t_float`]).
     fn matmul_t_long<const BITS: usize>(&self, x: &[f32], m: usize, n: usize) -> Vec<f32> {
         #[cfg(target_arch = "x86_64")]
-        if vnni::enabled() {
-            return self.matmul_t_vnni::<BITS>(x, m, n);
+        if let Some(isa) = vnni::enabled() {
+            return self.matmul_t_int16::<BITS>(isa, x, m, n);
         }
         self.matmul_t_float::<BITS>(x, m, n)
     }
@@ -616,7 +620,7 @@ mod tests {
                 // Longer inputs are rounded to 16 bits where the integer product runs: ≤ 1/65,534 of
                 // their group's largest value each.
                 #[cfg(target_arch = "x86_64")]
-                let integer = rows > FUSED_MAX_ROWS && vnni::enabled();
+                let integer = rows > FUSED_MAX_ROWS && vnni::enabled().is_some();
                 #[cfg(not(target_arch = "x86_64"))]
                 let integer = false;
                 check(&got, if integer { 1e-4 } else { 1e-5 }, "chosen");

@@ -14,6 +14,9 @@
 //! The weights are rearranged block by block (1,024 output channels × 256 inputs, as in
 //! [`Packing::matmul_t_blocks`]) into the instruction's layout: for 16 output channels and 2 consecutive
 //! inputs, one vector; a tile of 6 input rows × 32 output channels then keeps its sums in registers.
+//!
+//! CPUs with AVX2 but not AVX-512 VNNI run the same arithmetic on the same layout in `vpmaddwd` and
+//! `vpaddd` ([`super::int16_avx2`]); [`Isa`] says which.
 
 use std::arch::x86_64::*;
 
@@ -24,29 +27,46 @@ use super::x86::scale_min;
 use super::{BLOCK_DEPTH, Packing, block_width};
 use crate::kernels::host::SharedOut;
 
-/// Output channels per vector.
-const LANES: usize = 16;
+/// Output channels per panel (one AVX-512 vector, two AVX2 vectors).
+pub(super) const LANES: usize = 16;
 /// Input rows per tile.
-const TILE_ROWS: usize = 6;
+pub(super) const TILE_ROWS: usize = 6;
 /// Inputs per instruction and lane.
 const PAIR: usize = 2;
 /// Vectors of weights per group of 32 inputs and 16 channels.
-const PAIRS: usize = GROUP / PAIR;
+pub(super) const PAIRS: usize = GROUP / PAIR;
 
-/// Whether this CPU has AVX-512 VNNI and the integer product is not switched off with
+/// The instructions the integer product runs in.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum Isa {
+    /// AVX-512 F, BW and VNNI (`vpdpwssd`).
+    Vnni,
+    /// AVX2 and FMA (`vpmaddwd` + `vpaddd`: [`super::int16_avx2`]).
+    Avx2,
+}
+
+/// The instructions this CPU has for the integer product, unless it is switched off with
 /// `LLAVA_MED_CPU_INT16_INPUTS=0` (checked once).
-pub(super) fn enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+pub(super) fn enabled() -> Option<Isa> {
+    static ON: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
-        available() && std::env::var("LLAVA_MED_CPU_INT16_INPUTS").map_or(true, |v| v != "0")
+        available()
+            .filter(|_| std::env::var("LLAVA_MED_CPU_INT16_INPUTS").map_or(true, |v| v != "0"))
     })
 }
 
-/// Whether this CPU has the instructions.
-pub(super) fn available() -> bool {
-    is_x86_feature_detected!("avx512f")
+/// The widest instructions this CPU has for the integer product.
+pub(super) fn available() -> Option<Isa> {
+    if is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vnni")
+    {
+        Some(Isa::Vnni)
+    } else if crate::kernels::has_avx2_fma() {
+        Some(Isa::Avx2)
+    } else {
+        None
+    }
 }
 
 /// Input rows quantised per group of 32: 16-bit values, and per group the scale and the rounded sum.
@@ -59,12 +79,15 @@ pub(super) struct QuantizedInput {
     pub(super) sums: Vec<f32>,
 }
 
-/// `x` `[m, k]` quantised per group of 32, rows in parallel.
+/// `x` `[m, k]` quantised per group of 32, rows in parallel, in `isa`'s instructions (the same values
+/// either way).
 ///
 /// # Panics
-/// When the CPU lacks AVX-512 ([`available`] is checked first) or `k` is not a multiple of 32.
-pub(super) fn quantize_input(x: &[f32], k: usize) -> QuantizedInput {
-    assert!(available() && k.is_multiple_of(GROUP));
+/// When the CPU lacks `isa` ([`available`] is checked first) or `k` is not a multiple of 32.
+pub(super) fn quantize_input(x: &[f32], k: usize, isa: Isa) -> QuantizedInput {
+    assert!(
+        available().is_some_and(|a| a == Isa::Vnni || isa == Isa::Avx2) && k.is_multiple_of(GROUP)
+    );
     let groups = x.len() / GROUP;
     let mut out = QuantizedInput {
         values: vec![0; x.len()],
@@ -76,9 +99,11 @@ pub(super) fn quantize_input(x: &[f32], k: usize) -> QuantizedInput {
         .zip(out.values.par_chunks_mut(k))
         .zip(out.scales.par_chunks_mut(row_groups))
         .zip(out.sums.par_chunks_mut(row_groups))
-        .for_each(|(((x, q), d), s)| {
-            // SAFETY: `available` checked AVX-512 F and BW.
-            unsafe { quantize_row(x, q, d, s) }
+        .for_each(|(((x, q), d), s)| match isa {
+            // SAFETY: `available` found AVX-512 F and BW.
+            Isa::Vnni => unsafe { quantize_row(x, q, d, s) },
+            // SAFETY: `available` found AVX2 (every CPU with AVX-512 VNNI has it).
+            Isa::Avx2 => unsafe { super::int16_avx2::quantize_row(x, q, d, s) },
         });
     out
 }
@@ -111,17 +136,17 @@ fn quantize_row(x: &[f32], q: &mut [i16], scales: &mut [f32], sums: &mut [f32]) 
     }
 }
 
-/// One block of weights in the instruction's layout, for one thread.
-struct Block {
+/// One block of weights in the instructions' layout, for one thread.
+pub(super) struct Block {
     /// `[panel][group][pair][lane]`: the codes of inputs `2·pair` and `2·pair + 1` of channel
     /// `16·panel + lane`, as the low and high 16 bits of a word.
-    codes: Vec<u32>,
+    pub(super) codes: Vec<u32>,
     /// `[panel][group][lane]` scales.
-    scales: Vec<f32>,
+    pub(super) scales: Vec<f32>,
     /// `[panel][group][lane]` minimums.
-    mins: Vec<f32>,
+    pub(super) mins: Vec<f32>,
     /// Groups in this block (≤ `BLOCK_DEPTH / 32`).
-    groups: usize,
+    pub(super) groups: usize,
 }
 
 impl Block {
@@ -138,16 +163,17 @@ impl Block {
 }
 
 impl Packing<'_> {
-    /// `x` `[m, k]` · `Wᵀ` → `[m, n]` with integer dot products (the CPU must have AVX-512 VNNI:
-    /// [`available`]).
-    pub(super) fn matmul_t_vnni<const BITS: usize>(
+    /// `x` `[m, k]` · `Wᵀ` → `[m, n]` with integer dot products in `isa`'s instructions (the CPU must
+    /// have them: [`available`]).
+    pub(super) fn matmul_t_int16<const BITS: usize>(
         &self,
+        isa: Isa,
         x: &[f32],
         m: usize,
         n: usize,
     ) -> Vec<f32> {
         let k = self.k;
-        let input = quantize_input(x, k);
+        let input = quantize_input(x, k, isa);
         let width = block_width(n, rayon::current_num_threads());
         let mut out = vec![0.0f32; m * n];
         let dst = SharedOut(out.as_mut_ptr());
@@ -157,13 +183,21 @@ impl Packing<'_> {
                 let (first, channels) = (i * width, width.min(n - i * width));
                 for start in (0..k).step_by(BLOCK_DEPTH) {
                     let groups = BLOCK_DEPTH.min(k - start) / GROUP;
-                    self.fill_block::<BITS>(block, first, channels, start / GROUP, groups);
-                    // SAFETY: `available` was checked by the caller (as `enabled`); the block holds
-                    // `channels` channels and `groups` groups from group `start / 32`; the output columns
+                    self.fill_block::<BITS>(isa, block, first, channels, start / GROUP, groups);
+                    let g0 = start / GROUP;
+                    // SAFETY: `quantize_input` checked that the CPU has `isa`; the block holds
+                    // `channels` channels and `groups` groups from group `g0`; the output columns
                     // `first..first + channels` of every row are this block's alone, and `out` outlives
                     // the loop.
                     unsafe {
-                        multiply_block(block, channels, &input, k, start / GROUP, m, n, &dst, first)
+                        match isa {
+                            Isa::Vnni => {
+                                multiply_block(block, channels, &input, k, g0, m, n, &dst, first)
+                            }
+                            Isa::Avx2 => super::int16_avx2::multiply_block(
+                                block, channels, &input, k, g0, m, n, &dst, first,
+                            ),
+                        }
                     };
                 }
             },
@@ -175,6 +209,7 @@ impl Packing<'_> {
     /// last channel get zero codes, scales and minimums.
     fn fill_block<const BITS: usize>(
         &self,
+        isa: Isa,
         block: &mut Block,
         first: usize,
         channels: usize,
@@ -205,8 +240,22 @@ impl Packing<'_> {
                 }
             }
         }
-        // SAFETY: the caller checked AVX-512 ([`available`]).
-        unsafe { self.fill_codes::<BITS>(block, first, channels, g0, groups) };
+        match isa {
+            // SAFETY: the caller checked that the CPU has `isa` ([`available`]).
+            Isa::Vnni => unsafe { self.fill_codes::<BITS>(block, first, channels, g0, groups) },
+            // SAFETY: as above; the channels and groups exist (the caller's loops).
+            Isa::Avx2 => unsafe {
+                super::int16_avx2::fill_codes::<BITS>(
+                    &self.codes,
+                    self.k / GROUP * BITS,
+                    block,
+                    first,
+                    channels,
+                    g0,
+                    groups,
+                )
+            },
+        }
     }
 
     /// [`Packing::fill_block`]'s codes: per panel and group, each of its (4 or 8) words gathered from the 16
@@ -483,6 +532,15 @@ mod tests {
     use super::super::tests::{packing, pattern};
     use super::*;
 
+    /// The instruction sets this CPU can run the integer product in.
+    fn isas() -> Vec<Isa> {
+        match available() {
+            Some(Isa::Vnni) => vec![Isa::Vnni, Isa::Avx2],
+            Some(Isa::Avx2) => vec![Isa::Avx2],
+            None => vec![],
+        }
+    }
+
     /// The same arithmetic one value at a time: integer dot products per group, then scaled.
     fn reference<const BITS: usize>(p: &Packed, input: &QuantizedInput, m: usize) -> Vec<f32> {
         let (n, k) = (p.rows, p.cols);
@@ -512,34 +570,36 @@ mod tests {
 
     #[test]
     fn the_integer_product_matches_its_arithmetic_one_value_at_a_time() {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX-512 VNNI");
-            return;
+        if isas().is_empty() {
+            eprintln!("skipped: this CPU has neither AVX-512 VNNI nor AVX2");
         }
         // n = 40: a second panel of 8 lanes; 50 = 3 + 16 channels past a block of 16 in a 2-thread
         // split; k = 320 and 96: a last block of 64 inputs, and super-blocks of 2 and 1 groups.
-        for (n, k) in [(40, 320), (50, 96), (16, 768)] {
+        for (isa, (n, k)) in isas()
+            .into_iter()
+            .flat_map(|isa| [(40, 320), (50, 96), (16, 768), (8, 64)].map(|s| (isa, s)))
+        {
             let w = pattern(n * k, 37, 101, 700.0);
             for bits in [4, 8] {
                 let p = quantize(&w, n, k, bits, DType::F32);
                 for m in [1, 5, 6, 7, 13] {
                     let x = pattern(m * k, 13, 29, 9.0);
-                    let input = quantize_input(&x, k);
+                    let input = quantize_input(&x, k, isa);
                     let (want, got) = match bits {
                         4 => (
                             reference::<4>(&p, &input, m),
-                            packing(&p).matmul_t_vnni::<4>(&x, m, n),
+                            packing(&p).matmul_t_int16::<4>(isa, &x, m, n),
                         ),
                         _ => (
                             reference::<8>(&p, &input, m),
-                            packing(&p).matmul_t_vnni::<8>(&x, m, n),
+                            packing(&p).matmul_t_int16::<8>(isa, &x, m, n),
                         ),
                     };
                     let scale = want.iter().fold(0.0f32, |a, v| a.max(v.abs()));
                     for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                         assert!(
                             (a - b).abs() <= 1e-5 * scale,
-                            "{n}×{k}, {bits} bits, {m} rows, value {i}: {a} vs {b}"
+                            "{isa:?}: {n}×{k}, {bits} bits, {m} rows, value {i}: {a} vs {b}"
                         );
                     }
                 }
@@ -549,27 +609,29 @@ mod tests {
 
     #[test]
     fn the_input_is_rounded_to_half_a_step_of_its_groups_largest_value_over_32767() {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX-512 VNNI");
-            return;
-        }
         let k = 64;
         let mut x = pattern(2 * k, 7, 23, 3.0);
         x[40] = 50.0; // one large value in the second group of the first row
         x[k..k + GROUP].fill(0.0); // an all-zero group
-        let input = quantize_input(&x, k);
-        for (g, (xs, qs)) in x.chunks(GROUP).zip(input.values.chunks(GROUP)).enumerate() {
-            let max = xs.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-            assert_eq!(input.scales[g], max / 32767.0);
-            let codes: i32 = qs.iter().map(|&q| i32::from(q)).sum();
-            assert_eq!(input.sums[g], codes as f32 * input.scales[g]);
-            for (&v, &q) in xs.iter().zip(qs) {
-                let back = f32::from(q) * input.scales[g];
-                assert!(
-                    (v - back).abs() <= input.scales[g] / 2.0 + 1e-6,
-                    "{v} vs {back}"
-                );
+        let mut quantized = Vec::new();
+        for isa in isas() {
+            let input = quantize_input(&x, k, isa);
+            for (g, (xs, qs)) in x.chunks(GROUP).zip(input.values.chunks(GROUP)).enumerate() {
+                let max = xs.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+                assert_eq!(input.scales[g], max / 32767.0);
+                let codes: i32 = qs.iter().map(|&q| i32::from(q)).sum();
+                assert_eq!(input.sums[g], codes as f32 * input.scales[g]);
+                for (&v, &q) in xs.iter().zip(qs) {
+                    let back = f32::from(q) * input.scales[g];
+                    assert!(
+                        (v - back).abs() <= input.scales[g] / 2.0 + 1e-6,
+                        "{v} vs {back}"
+                    );
+                }
             }
+            quantized.push(input.values);
         }
+        // Both builds round alike.
+        assert!(quantized.windows(2).all(|w| w[0] == w[1]));
     }
 }
