@@ -216,28 +216,31 @@ fn squared_error(values: &[f32], scale: f32, inv: f32, min: f32, levels: f32) ->
     lanes.iter().sum()
 }
 
-/// Up to 16 candidate (scale, minimum) pairs for one group (the range search's), whose squared errors are
+/// The range search's 16 candidate (scale, minimum) pairs for one group, whose squared errors are
 /// summed side by side: each candidate's sum runs over the values in order, so in AVX2 8 candidates share
 /// a vector and no sum needs adding across lanes. One candidate at a time, in 8 lanes of values then
 /// across them ([`squared_error`]), the horizontal sums held the search up: 4-bit quantising took 9.3–10.1
 /// ns per weight on two Zen 3 cores, 7.0 this way.
-#[derive(Default)]
 struct Candidates {
     scale: [f32; 16],
     /// 1 / scale.
     inv: [f32; 16],
     min: [f32; 16],
-    len: usize,
 }
 
 impl Candidates {
-    fn push(&mut self, scale: f32, min: f32) {
-        let j = self.len;
-        (self.scale[j], self.inv[j], self.min[j]) = (scale, 1.0 / scale, min);
-        self.len += 1;
+    /// Candidate `j` is `pair(j)`, (scale, minimum).
+    #[inline(always)]
+    fn new(pair: impl Fn(usize) -> (f32, f32)) -> Self {
+        let pairs: [(f32, f32); 16] = std::array::from_fn(pair);
+        Self {
+            scale: pairs.map(|(s, _)| s),
+            inv: pairs.map(|(s, _)| 1.0 / s),
+            min: pairs.map(|(_, m)| m),
+        }
     }
 
-    /// Σ (x − dequantised x)² over `values` for each candidate (those past `len`: unspecified), in AVX2
+    /// Σ (x − dequantised x)² over `values` for each candidate, in AVX2
     /// where `WIDE` (only inside [`quantize_row_avx2`]); the same operations in the same order either way.
     #[inline(always)]
     fn errors<const WIDE: bool>(&self, values: &[f32], levels: f32) -> [f32; 16] {
@@ -247,7 +250,7 @@ impl Candidates {
             return unsafe { self.errors_avx2(values, levels) };
         }
         let mut err = [0.0f32; 16];
-        for (j, e) in err.iter_mut().enumerate().take(self.len) {
+        for (j, e) in err.iter_mut().enumerate() {
             for &x in values {
                 let y = round_code(x, self.scale[j], self.inv[j], self.min[j], levels)
                     * self.scale[j]
@@ -273,7 +276,7 @@ impl Candidates {
             _mm256_set1_ps(SHIFT),
         );
         let mut out = [0.0f32; 16];
-        for half in 0..self.len.div_ceil(8) {
+        for half in 0..2 {
             // SAFETY: the arrays hold 16 values; `half` < 2.
             let (scale, inv, min) = unsafe {
                 (
@@ -337,14 +340,12 @@ fn fit_group<const WIDE: bool>(values: &[f32], levels: f32) -> (f32, f32) {
         return ((hi - lo) / levels, lo);
     }
     const TRIMS: [f32; 4] = [0.0, 0.02, 0.05, 0.1];
-    let mut candidates = Candidates::default();
-    for a in TRIMS {
-        for b in TRIMS {
-            let (l, h) = (lo + (hi - lo) * a, hi - (hi - lo) * b);
-            candidates.push((h - l) / levels, l);
-        }
-    }
-    // The first smallest error wins.
+    // The low trim outer; the first smallest error wins.
+    let candidates = Candidates::new(|j| {
+        let (a, b) = (TRIMS[j / 4], TRIMS[j % 4]);
+        let (l, h) = (lo + (hi - lo) * a, hi - (hi - lo) * b);
+        ((h - l) / levels, l)
+    });
     let errors = candidates.errors::<WIDE>(values, levels);
     let mut best = (f32::INFINITY, 0.0, lo);
     for (j, &err) in errors.iter().enumerate() {

@@ -71,26 +71,10 @@ fn horizontal_sum(v: __m256i) -> i32 {
 
 /// [`super::Packing::fill_block`]'s codes in AVX2: per panel, group and half of the panel's 16 channels,
 /// each of the group's (4 or 8) words gathered from the 8 channels' rows at once and spread into 16-bit
-/// halves, as the AVX-512 build does for 16.
-///
-/// # Safety
-/// The CPU has AVX2; `codes` is the packed matrix's codes for rows of `row_words` words; channels
-/// `first..first + channels` and groups `g0..g0 + groups` exist; `block` holds that many.
-pub(super) unsafe fn fill_codes<const BITS: usize>(
-    codes: &[i32],
-    row_words: usize,
-    block: &mut Block,
-    first: usize,
-    channels: usize,
-    g0: usize,
-    groups: usize,
-) {
-    // SAFETY: the caller's contract.
-    unsafe { fill_codes_avx2::<BITS>(codes, row_words, block, first, channels, g0, groups) }
-}
-
+/// halves, as the AVX-512 build does for 16. `codes` is the packed matrix's codes in rows of `row_words`
+/// words; channels `first..first + channels` and groups `g0..g0 + groups` are laid out into `block`.
 #[target_feature(enable = "avx2")]
-fn fill_codes_avx2<const BITS: usize>(
+pub(super) fn fill_codes<const BITS: usize>(
     codes: &[i32],
     row_words: usize,
     block: &mut Block,
@@ -101,6 +85,7 @@ fn fill_codes_avx2<const BITS: usize>(
 ) {
     // Word offsets are gathered as i32.
     assert!(codes.len() <= i32::MAX as usize && (first + channels) * row_words <= codes.len());
+    assert!((g0 + groups) * BITS <= row_words);
     let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     let code_mask = _mm256_set1_epi32((1 << BITS) - 1);
     // Codes 2i and 2i + 1 of a word into the low and high 16 bits of a lane.
@@ -132,7 +117,7 @@ fn fill_codes_avx2<const BITS: usize>(
                 for h in 0..BITS {
                     let at = _mm256_add_epi32(starts, _mm256_set1_epi32((g * BITS + h) as i32));
                     // SAFETY: every unmasked lane's offset is word h < BITS of group g0 + g of row
-                    // `first + c` (checked above against the codes' length).
+                    // `first + c`, inside the codes (both checked above).
                     let w = unsafe {
                         _mm256_mask_i32gather_epi32::<4>(
                             _mm256_setzero_si256(),

@@ -86,7 +86,7 @@ pub(super) struct QuantizedInput {
 /// When the CPU lacks `isa` ([`available`] is checked first) or `k` is not a multiple of 32.
 pub(super) fn quantize_input(x: &[f32], k: usize, isa: Isa) -> QuantizedInput {
     assert!(
-        available().is_some_and(|a| a == Isa::Vnni || isa == Isa::Avx2) && k.is_multiple_of(GROUP)
+        available().is_some_and(|best| best == Isa::Vnni || best == isa) && k.is_multiple_of(GROUP)
     );
     let groups = x.len() / GROUP;
     let mut out = QuantizedInput {
@@ -182,9 +182,8 @@ impl Packing<'_> {
             |block, i| {
                 let (first, channels) = (i * width, width.min(n - i * width));
                 for start in (0..k).step_by(BLOCK_DEPTH) {
-                    let groups = BLOCK_DEPTH.min(k - start) / GROUP;
-                    self.fill_block::<BITS>(isa, block, first, channels, start / GROUP, groups);
-                    let g0 = start / GROUP;
+                    let (g0, groups) = (start / GROUP, BLOCK_DEPTH.min(k - start) / GROUP);
+                    self.fill_block::<BITS>(isa, block, first, channels, g0, groups);
                     // SAFETY: `quantize_input` checked that the CPU has `isa`; the block holds
                     // `channels` channels and `groups` groups from group `g0`; the output columns
                     // `first..first + channels` of every row are this block's alone, and `out` outlives
@@ -243,7 +242,7 @@ impl Packing<'_> {
         match isa {
             // SAFETY: the caller checked that the CPU has `isa` ([`available`]).
             Isa::Vnni => unsafe { self.fill_codes::<BITS>(block, first, channels, g0, groups) },
-            // SAFETY: as above; the channels and groups exist (the caller's loops).
+            // SAFETY: as above.
             Isa::Avx2 => unsafe {
                 super::int16_avx2::fill_codes::<BITS>(
                     &self.codes,
