@@ -33,22 +33,30 @@ pub struct Engine {
 impl Engine {
     /// Loads the model folder `dir` on `device`; `context` overrides the context length.
     pub fn load(dir: &Path, device: SelectedDevice, context: Option<usize>) -> Result<Self> {
-        Self::load_quantized(dir, device, context, Quantization::None)
+        Self::load_quantized(dir, device, context, Quantization::None, None)
     }
 
-    /// [`Engine::load`] with the weight matrices quantised.
+    /// [`Engine::load`] with the weight matrices quantised, kept between loads under `quant_cache` when
+    /// given (see [`LlavaModel::load_quantized`]).
     pub fn load_quantized(
         dir: &Path,
         device: SelectedDevice,
         context: Option<usize>,
         quantization: Quantization,
+        quant_cache: Option<&Path>,
     ) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::config(dir, "model folder not found"));
         }
         let tokenizer = PromptTokenizer::from_dir(dir)?;
-        let model =
-            LlavaModel::load_quantized(dir, &device.device, device.dtype, context, quantization)?;
+        let model = LlavaModel::load_quantized(
+            dir,
+            &device.device,
+            device.dtype,
+            context,
+            quantization,
+            quant_cache,
+        )?;
         let template = Template::default_for(
             &model.config.model_type,
             model.config.text.kind == DecoderKind::Mistral,

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::lm::{Decoder, KvCache};
 use crate::projector::Projector;
 use crate::quant::Quantization;
+use crate::quant::cache::CacheTally;
 use crate::vision::ClipVisionTower;
 use crate::weights::{WeightFiles, WeightLoader};
 
@@ -55,6 +56,8 @@ pub struct LlavaModel {
     pub stored_dtype: Option<String>,
     /// How the weight matrices are stored.
     pub quantization: Quantization,
+    /// What loading did with the quantised-weights cache (`None`: not used).
+    pub quant_cache: Option<CacheTally>,
 }
 
 /// Tensor name prefixes of one layout.
@@ -96,22 +99,28 @@ impl LlavaModel {
         dtype: DType,
         max_context: Option<usize>,
     ) -> Result<Self> {
-        Self::load_quantized(dir, device, dtype, max_context, Quantization::None)
+        Self::load_quantized(dir, device, dtype, max_context, Quantization::None, None)
     }
 
-    /// [`LlavaModel::load`] with the weight matrices quantised.
+    /// [`LlavaModel::load`] with the weight matrices quantised; with `quant_cache` (a root folder, see
+    /// [`crate::quant::cache`]) the quantised matrices are read from there when an earlier load left them,
+    /// and left there otherwise.
     pub fn load_quantized(
         dir: &Path,
         device: &Device,
         dtype: DType,
         max_context: Option<usize>,
         quantization: Quantization,
+        quant_cache: Option<&Path>,
     ) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
         let files = WeightFiles::open_dir(dir)?;
         let stored = files.stored_dtype();
         let mut w = files.loader(device, dtype);
         w.set_quantization(quantization);
+        if quantization != Quantization::None {
+            w.set_quant_cache(quant_cache);
+        }
         Self::build(config, w, dir, max_context, stored)
     }
 
@@ -140,17 +149,29 @@ impl LlavaModel {
             config.multimodal.as_ref().map(|m| m.projector),
             Some(crate::config::ProjectorKind::Linear)
         );
-        let n = names(config.layout, linear);
+        let mut n = names(config.layout, linear);
+        // transformers 5 saves llava-hf's CLIP tower without its `vision_model.` level.
+        if config.layout == Layout::LlavaHf
+            && !w.contains(&format!("{}.embeddings.class_embedding", n.vision))
+            && w.contains("vision_tower.embeddings.class_embedding")
+        {
+            n.vision = "vision_tower";
+        }
         let context = max_context.unwrap_or(config.max_context).max(1);
         let quantization = w.quantization();
         let lm = Decoder::load(&mut w, n.lm, n.head, &config.text, context)?;
+        let mut clip_tally = None;
         let (vision, vision_weights, mut skipped) = match &config.multimodal {
             None => (None, None, Vec::new()),
             Some(mm) => {
-                let (v, src, skipped) = load_vision(&mut w, &n, mm, &config, dir)?;
+                let (v, src, skipped) = load_vision(&mut w, &n, mm, &config, dir, &mut clip_tally)?;
                 (Some(v), Some(src), skipped)
             }
         };
+        let mut quant_cache = w.cache_tally().cloned();
+        if let (Some(all), Some(clip)) = (quant_cache.as_mut(), clip_tally) {
+            all.add(&clip);
+        }
         let vision_prefix = format!("{}.", n.vision);
         skipped.extend(w.finish(|name| {
             // Parts of the tower LLaVA never runs, and buffers some exporters add.
@@ -165,6 +186,7 @@ impl LlavaModel {
             vision,
             vision_weights,
             skipped_tensors: skipped,
+            quant_cache,
             dir: dir.to_path_buf(),
             stored_dtype,
         })
@@ -418,6 +440,7 @@ fn load_vision(
     mm: &MultimodalConfig,
     config: &ModelConfig,
     dir: &Path,
+    clip_tally: &mut Option<CacheTally>,
 ) -> Result<(VisionPath, VisionWeightsSource, Vec<String>)> {
     let layers = mm.vision_layers_used();
     let probe = format!("{}.embeddings.class_embedding", n.vision);
@@ -444,7 +467,9 @@ fn load_vision(
         let clip = WeightFiles::open_dir(&folder)?;
         let mut cw = clip.loader(w.device(), w.dtype());
         cw.set_quantization(w.quantization());
+        cw.set_quant_cache(w.quant_cache_root());
         let tower = ClipVisionTower::load(&mut cw, "vision_model", &mm.vision, layers)?;
+        *clip_tally = cw.cache_tally().cloned();
         let skipped = cw.finish(|_| true)?;
         (tower, VisionWeightsSource::ClipFolder(folder), skipped)
     };

@@ -16,11 +16,14 @@ use crate::error::{Error, Result};
 use crate::fused::panel_matmul;
 use crate::host_memory::zeroed_on_huge_pages;
 use crate::linear::Linear;
+use crate::quant::cache::{CacheTally, Lookup, QuantCache};
 use crate::quant::{Quantization, QuantizedMatrix, pack};
 
 /// One memory-mapped safetensors file with its parsed header.
 struct Shard {
     path: PathBuf,
+    /// The file's full path, size and modification time, for the quantised-weights cache's fingerprints.
+    identity: String,
     mmap: Mmap,
     data_start: usize,
     tensors: HashMap<String, TensorEntry>,
@@ -148,7 +151,20 @@ impl WeightFiles {
             dtype,
             used: HashSet::new(),
             quantization: Quantization::None,
+            cache: None,
+            tally: CacheTally::default(),
         }
+    }
+
+    /// What identifies tensor `name`'s stored values short of reading them: its file with the file's size
+    /// and modification time, its type, shape and place in the file.
+    fn fingerprint(&self, name: &str) -> Option<String> {
+        let shard = &self.shards[*self.index.get(name)?];
+        let e = &shard.tensors[name];
+        Some(format!(
+            "{name} {:?} {:?} at {}..{} of {}",
+            e.dtype, e.shape, e.start, e.end, shard.identity
+        ))
     }
 
     /// Reads a tensor as f32 values (host), checking its shape.
@@ -222,6 +238,18 @@ fn release_pages(mmap: &Mmap, start: usize, end: usize) {
 
 fn open_shard(path: &Path) -> Result<Shard> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    let modified = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let full = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let identity = format!(
+        "{} ({} bytes, modified {modified} ns after the epoch)",
+        full.display(),
+        meta.len()
+    );
     // SAFETY: the map is read-only; a checkpoint modified on disk while we run is not supported.
     let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
     let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
@@ -250,6 +278,7 @@ fn open_shard(path: &Path) -> Result<Shard> {
         .collect();
     Ok(Shard {
         path: path.to_path_buf(),
+        identity,
         mmap,
         data_start: 8 + header_len,
         tensors,
@@ -264,6 +293,9 @@ pub struct WeightLoader<'a> {
     dtype: DType,
     used: HashSet<String>,
     quantization: Quantization,
+    /// Where quantised matrices are kept between loads (checkpoints only).
+    cache: Option<QuantCache>,
+    tally: CacheTally,
 }
 
 impl WeightLoader<'static> {
@@ -277,6 +309,8 @@ impl WeightLoader<'static> {
             dtype,
             used: HashSet::new(),
             quantization: Quantization::None,
+            cache: None,
+            tally: CacheTally::default(),
         }
     }
 }
@@ -301,6 +335,24 @@ impl WeightLoader<'_> {
     /// The quantisation applied to weight matrices loaded now.
     pub fn quantization(&self) -> Quantization {
         self.quantization
+    }
+
+    /// Keeps quantised matrices in a cache under `root` ([`crate::quant::cache`]), one folder per
+    /// checkpoint; `None`: quantise at every load. Random weights are never cached.
+    pub fn set_quant_cache(&mut self, root: Option<&Path>) {
+        self.cache = root
+            .zip(self.files)
+            .map(|(root, files)| QuantCache::for_model(root, files.dir()));
+    }
+
+    /// The cache's root folder, if quantised matrices are cached (for another checkpoint folder's loader).
+    pub fn quant_cache_root(&self) -> Option<&Path> {
+        self.cache.as_ref().and_then(|c| c.dir().parent())
+    }
+
+    /// What this load did with the quantised-weights cache, `None` without one.
+    pub fn cache_tally(&self) -> Option<&CacheTally> {
+        self.cache.as_ref().map(|_| &self.tally)
     }
 
     /// Whether the checkpoint holds `name` (a random loader holds everything).
@@ -385,7 +437,7 @@ impl WeightLoader<'_> {
             let bias = bias.then(|| self.made_up(".bias", [total]));
             return Ok(match bits {
                 Some(bits) => {
-                    let rows = self.host_tensor(&name, [total, d_in])?;
+                    let rows = random_host(&name, total * d_in);
                     Linear::quantized(self.quantized(&rows, total, d_in, bits), bias)
                 }
                 None if self.rows_layout() => {
@@ -399,36 +451,31 @@ impl WeightLoader<'_> {
                 None => Linear::float(self.made_up(&name, [d_in, total]), bias),
             });
         };
-        // The parts' [out, in] matrices one after another are the fused [total, in] matrix.
-        let mut rows = Vec::with_capacity(d_in * total);
+        let names: Vec<String> = prefixes.iter().map(|p| format!("{p}.weight")).collect();
         let mut biases = Vec::with_capacity(total);
-        for (prefix, &d_out) in prefixes.iter().zip(d_outs) {
-            let name = format!("{prefix}.weight");
-            rows.extend(files.read_f32(&name, &[d_out, d_in])?);
-            self.used.insert(name);
-            if bias {
+        if bias {
+            for (prefix, &d_out) in prefixes.iter().zip(d_outs) {
                 let name = format!("{prefix}.bias");
                 biases.extend(files.read_f32(&name, &[d_out])?);
                 self.used.insert(name);
             }
         }
         let bias = bias.then(|| self.upload(biases, vec![total]));
-        Ok(match bits {
-            Some(bits) => Linear::quantized(self.quantized(&rows, total, d_in, bits), bias),
-            None if self.rows_layout() => {
-                Linear::float_rows(self.upload(rows, vec![total, d_in]), bias)
-            }
+        if let Some(bits) = bits {
+            let matrix = self.quantized_from_files(files, &names, d_outs, d_in, bits)?;
+            return Ok(Linear::quantized(matrix, bias));
+        }
+        // The parts' [out, in] matrices one after another are the fused [total, in] matrix.
+        let rows = self.read_stacked(files, &names, d_outs, d_in)?;
+        Ok(if self.rows_layout() {
+            Linear::float_rows(self.upload(rows, vec![total, d_in]), bias)
+        } else if panel_matmul::wanted(&self.device, self.dtype, total) {
             // Straight from PyTorch's rows: never laid out `[in, out]` first.
-            None if panel_matmul::wanted(&self.device, self.dtype, total) => self.panel_linear(
-                panel_matmul::from_rows(&rows, total, d_in),
-                d_in,
-                total,
-                bias,
-            ),
-            None => Linear::float(
-                self.upload(transpose(&rows, total, d_in), vec![d_in, total]),
-                bias,
-            ),
+            let panels = panel_matmul::from_rows(&rows, total, d_in);
+            self.panel_linear(panels, d_in, total, bias)
+        } else {
+            let weight = self.upload(transpose(&rows, total, d_in), vec![d_in, total]);
+            Linear::float(weight, bias)
         })
     }
 
@@ -468,22 +515,104 @@ impl WeightLoader<'_> {
             .filter(|_| pack::packable(d));
         Ok(match bits {
             // Quantised from the host values: never uploaded in f32 first.
-            Some(bits) => {
-                let rows = self.host_tensor(name, [n, d])?;
-                TokenEmbedding::Quantized(self.quantized(&rows, n, d, bits))
-            }
+            Some(bits) => TokenEmbedding::Quantized(match self.files {
+                Some(files) => {
+                    self.quantized_from_files(files, &[name.to_string()], &[n], d, bits)?
+                }
+                None => self.quantized(&random_host(name, n * d), n, d, bits),
+            }),
             None => TokenEmbedding::Float(Param::from_tensor(self.tensor(name, [n, d])?)),
         })
     }
 
-    /// A tensor of exactly `shape`, as f32 values on the host (what the quantiser takes).
-    fn host_tensor(&mut self, name: &str, shape: [usize; 2]) -> Result<Vec<f32>> {
-        let Some(files) = self.files else {
-            return Ok(random_host(name, shape[0] * shape[1]));
-        };
-        let values = files.read_f32(name, &shape)?;
-        self.used.insert(name.to_string());
-        Ok(values)
+    /// The checkpoint's `[d_outs[i], d_in]` tensors `names` one after another: the fused `[Σ d_outs, d_in]`
+    /// matrix, as f32 values on the host.
+    fn read_stacked(
+        &mut self,
+        files: &WeightFiles,
+        names: &[String],
+        d_outs: &[usize],
+        d_in: usize,
+    ) -> Result<Vec<f32>> {
+        let mut rows = Vec::with_capacity(d_in * d_outs.iter().sum::<usize>());
+        for (name, &d_out) in names.iter().zip(d_outs) {
+            rows.extend(files.read_f32(name, &[d_out, d_in])?);
+            self.used.insert(name.clone());
+        }
+        Ok(rows)
+    }
+
+    /// The matrix of the checkpoint's tensors `names` (`[d_outs[i], d_in]` each) stacked, quantised to
+    /// `bits`: read from the quantised-weights cache when it holds them, else quantised (and cached).
+    fn quantized_from_files(
+        &mut self,
+        files: &WeightFiles,
+        names: &[String],
+        d_outs: &[usize],
+        d_in: usize,
+        bits: usize,
+    ) -> Result<QuantizedMatrix> {
+        let total: usize = d_outs.iter().sum();
+        // Only tensors present with the expected shapes are looked up: anything else fails below, naming
+        // the tensor, as it would without a cache.
+        let sources: Option<Vec<String>> = names
+            .iter()
+            .zip(d_outs)
+            .map(|(name, &d_out)| {
+                (files.shape(name) == Some(&[d_out, d_in][..]))
+                    .then(|| files.fingerprint(name))
+                    .flatten()
+            })
+            .collect();
+        let entry = self.cache.as_ref().zip(sources).map(|(cache, sources)| {
+            let matrix = [total, d_in];
+            let entry = cache.entry(
+                &names[0],
+                names.len(),
+                matrix,
+                bits,
+                self.dtype,
+                &sources.join("; "),
+            );
+            (cache.clone(), entry)
+        });
+        if let Some((cache, entry)) = &entry {
+            match cache.read(entry) {
+                Lookup::Hit(packed) => {
+                    self.used.extend(names.iter().cloned());
+                    self.tally.read += 1;
+                    return Ok(QuantizedMatrix::upload(packed, &self.device, self.dtype));
+                }
+                Lookup::Missing => {}
+                Lookup::Stale => {
+                    tracing::debug!(file = %entry.file().display(), "quantised-weights cache entry is stale")
+                }
+                Lookup::Unreadable(why) => tracing::warn!(
+                    "{}: unreadable quantised-weights cache entry ({why}); quantising again and replacing it",
+                    entry.file().display()
+                ),
+            }
+        }
+        let rows = self.read_stacked(files, names, d_outs, d_in)?;
+        let packed = pack::quantize(&rows, total, d_in, bits, self.dtype);
+        drop(rows);
+        self.tally.quantized += 1;
+        if let Some((cache, entry)) = &entry
+            && self.tally.write_error.is_none()
+        {
+            match cache.write(entry, &packed) {
+                Ok(()) => self.tally.written += 1,
+                Err(e) => {
+                    // Once: a full disk or a read-only folder fails every entry the same way.
+                    let file = entry.file().display();
+                    tracing::warn!(
+                        "{file}: cannot write the quantised-weights cache ({e}); this load goes on without it"
+                    );
+                    self.tally.write_error = Some(format!("{file}: {e}"));
+                }
+            }
+        }
+        Ok(QuantizedMatrix::upload(packed, &self.device, self.dtype))
     }
 
     fn quantized(&self, rows: &[f32], n: usize, d: usize, bits: usize) -> QuantizedMatrix {

@@ -21,6 +21,7 @@ use llava_med::imaging::{
 };
 use llava_med::prompt::{PromptTokenizer, Template};
 use llava_med::quant::Quantization;
+use llava_med::quant::cache::{self, CacheTally};
 use llava_med::{IMAGE_SLOT, LlavaModel};
 
 #[derive(Parser)]
@@ -48,6 +49,10 @@ struct DeviceArgs {
     /// Weight-only quantisation of the weight matrices: none, int8 or int4 (groups of 32, see the README).
     #[arg(long, default_value = "none")]
     quant: String,
+    /// Where quantised weights are kept between loads, so only the first load of a model quantises it
+    /// (`off`: quantise at every load). Default: $LLAVA_MED_QUANT_CACHE, else ~/.cache/llava-med/quantized.
+    #[arg(long, value_name = "DIR|off")]
+    quant_cache: Option<String>,
 }
 
 impl DeviceArgs {
@@ -61,6 +66,21 @@ impl DeviceArgs {
             eprintln!("note: {note}");
         }
         Ok((selected, quant))
+    }
+
+    /// The quantised-weights cache's root folder these flags ask for, if any.
+    fn quant_cache(&self) -> Option<PathBuf> {
+        match &self.quant_cache {
+            Some(value) => cache::parse_root(value),
+            None => cache::default_root(),
+        }
+    }
+}
+
+/// Logs what a load did with the quantised-weights cache.
+fn log_cache(root: Option<&Path>, tally: Option<&CacheTally>) {
+    if let (Some(root), Some(tally)) = (root, tally) {
+        tracing::info!("quantised-weights cache in {}: {tally}", root.display());
     }
 }
 
@@ -470,12 +490,10 @@ fn run(cli: Cli) -> Result<()> {
 fn load(model: &Path, args: &DeviceArgs) -> Result<Engine> {
     let (selected, quant) = args.select()?;
     tracing::info!(device = %selected.kind, dtype = ?selected.dtype, %quant, "loading {}", model.display());
-    Ok(Engine::load_quantized(
-        model,
-        selected,
-        args.context,
-        quant,
-    )?)
+    let cache = args.quant_cache();
+    let engine = Engine::load_quantized(model, selected, args.context, quant, cache.as_deref())?;
+    log_cache(cache.as_deref(), engine.model.quant_cache.as_ref());
+    Ok(engine)
 }
 
 fn template(engine: &Engine, name: Option<&str>) -> Result<Template> {
@@ -519,11 +537,17 @@ fn bench(
         Some(c) => c,
         None => (options.longest_decode() + 64).max(needed),
     };
+    let cache = args.quant_cache();
     let start = std::time::Instant::now();
     let loaded = match model {
-        Some(dir) => {
-            LlavaModel::load_quantized(dir, &selected.device, selected.dtype, Some(context), quant)?
-        }
+        Some(dir) => LlavaModel::load_quantized(
+            dir,
+            &selected.device,
+            selected.dtype,
+            Some(context),
+            quant,
+            cache.as_deref(),
+        )?,
         None => LlavaModel::random(
             config,
             &selected.device,
@@ -534,6 +558,7 @@ fn bench(
     };
     let load_s = start.elapsed().as_secs_f64();
     tracing::info!(load_s, "bench: model ready");
+    log_cache(cache.as_deref(), loaded.quant_cache.as_ref());
     let mut report = llava_med::bench::run(&loaded, load_s, options)?;
     report["shape"] = serde_json::json!(shape);
     report["model"] = serde_json::json!(model.map(|m| m.display().to_string()));
@@ -545,6 +570,8 @@ fn bench(
     }
     report["dtype"] = serde_json::json!(format!("{:?}", selected.dtype).to_lowercase());
     report["quantization"] = serde_json::json!(quant.to_string());
+    // A load that read the cache measures reading packed weights, not converting and quantising them.
+    report["quant_cache"] = serde_json::json!(loaded.quant_cache);
     report["threads"] =
         serde_json::json!(std::thread::available_parallelism().map_or(1, usize::from));
     report["date"] = serde_json::json!(utc_now());

@@ -7,6 +7,7 @@
 //! under 1 % of a 7B model. Activations and the matrix products stay in the float type too; weights are
 //! dequantised a slab at a time as they are used.
 
+pub mod cache;
 #[cfg(feature = "cpu")]
 pub mod cpu;
 #[cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda"))]

@@ -24,6 +24,10 @@ use crate::host_memory::zeroed_on_huge_pages;
 pub const GROUP: usize = 32;
 /// Most groups sharing one pair of super-block maxima.
 pub const GROUPS_PER_SUPER: usize = 8;
+/// Version of [`quantize`]'s output: the quantised-weights cache ([`super::cache`]) reads only entries
+/// made by this version. Raise it whenever the codes for the same input change (the
+/// `quantiser_output_is_pinned_to_its_version` test fails then).
+pub const QUANTIZER_VERSION: u32 = 1;
 
 /// A matrix in the packed format, on the host.
 #[derive(Debug, Clone, PartialEq)]
@@ -554,5 +558,32 @@ mod tests {
         let p = quantize(&normal_matrix(5, 576, 3), 5, 576, 8, DType::F16);
         let stored = 4 * (p.codes.len() + p.group_params.len()) + 2 * p.supers.len();
         assert_eq!(stored, packed_bytes(5, 576, 8, 2));
+    }
+
+    /// The codes of a fixed input, hashed: a change to the quantiser that changes them must raise
+    /// [`QUANTIZER_VERSION`], or caches written by the old one would be read as if they were new.
+    #[test]
+    fn quantiser_output_is_pinned_to_its_version() {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        for bits in [4, 8] {
+            let values = crate::weights::random_values(11, 7 * 320);
+            let p = quantize(&values, 7, 320, bits, DType::F16);
+            for w in p.codes.iter().chain(&p.group_params) {
+                hash.update(w.to_le_bytes());
+            }
+            for v in &p.supers {
+                hash.update(v.to_le_bytes());
+            }
+        }
+        let digest: String = hash.finalize()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(
+            (QUANTIZER_VERSION, digest.as_str()),
+            (1, "2771dcd497961b02"),
+            "the quantiser's output changed: raise QUANTIZER_VERSION and pin the new hash"
+        );
     }
 }

@@ -1,40 +1,16 @@
 //! The `llava-med` command: bad input gives one line naming the file and the problem, exit code 1, no panic;
 //! and the commands work on the fixture models.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use crate::common::{fixture, llava_med_ok};
+use crate::common::{Scratch, copy_dir, fixture, llava_med_ok};
 
 /// A scratch copy of a fixture model that a test may break.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn copy_of(name: &str, tag: &str) -> Self {
-        let dst = std::env::temp_dir().join(format!("llava-med-bad-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dst);
-        copy_dir(&fixture(name), &dst);
-        Self(dst)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to)
-        } else {
-            std::fs::copy(e.path(), to).map(|_| ()).unwrap()
-        }
-    }
+fn copy_of(name: &str, tag: &str) -> Scratch {
+    let s = Scratch::new(&format!("bad-{tag}"));
+    copy_dir(&fixture(name), &s.0);
+    s
 }
 
 /// Runs `llava-med inspect` (or `generate` with an image) and returns stderr, asserting exit code 1.
@@ -62,7 +38,7 @@ fn inspect(dir: &Path) -> String {
 
 #[test]
 fn truncated_safetensors() {
-    let s = Scratch::copy_of("tiny-llava-hf-llama", "trunc");
+    let s = copy_of("tiny-llava-hf-llama", "trunc");
     let f = s.0.join("model.safetensors");
     let bytes = std::fs::read(&f).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() - 1000]).unwrap();
@@ -75,7 +51,7 @@ fn truncated_safetensors() {
 
 #[test]
 fn missing_shard() {
-    let s = Scratch::copy_of("tiny-llava-med-mistral", "shard");
+    let s = copy_of("tiny-llava-med-mistral", "shard");
     std::fs::remove_file(s.0.join("model-00002-of-00002.safetensors")).unwrap();
     let e = inspect(&s.0);
     assert!(
@@ -86,7 +62,7 @@ fn missing_shard() {
 
 #[test]
 fn wrong_shape() {
-    let s = Scratch::copy_of("tiny-llava-hf-llama", "shape");
+    let s = copy_of("tiny-llava-hf-llama", "shape");
     let cfg = s.0.join("config.json");
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
@@ -101,7 +77,7 @@ fn wrong_shape() {
 
 #[test]
 fn missing_tensor() {
-    let s = Scratch::copy_of("tiny-llava-hf-llama", "missing");
+    let s = copy_of("tiny-llava-hf-llama", "missing");
     let cfg = s.0.join("config.json");
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
@@ -116,7 +92,7 @@ fn missing_tensor() {
 
 #[test]
 fn unknown_model_type() {
-    let s = Scratch::copy_of("tiny-llava-med-mistral", "type");
+    let s = copy_of("tiny-llava-med-mistral", "type");
     let cfg = s.0.join("config.json");
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
@@ -128,7 +104,7 @@ fn unknown_model_type() {
 
 #[test]
 fn missing_tokenizer() {
-    let s = Scratch::copy_of("tiny-llava-med-mistral", "tok");
+    let s = copy_of("tiny-llava-med-mistral", "tok");
     std::fs::remove_file(s.0.join("tokenizer.model")).unwrap();
     let e = inspect(&s.0);
     assert!(e.contains("no tokenizer.json or tokenizer.model"), "{e}");
@@ -182,9 +158,50 @@ fn bench_times_decoding_at_the_contexts_asked_for() {
     assert_eq!(contexts, [16, 40], "{report}");
 }
 
+/// `--quant-cache`: the first load quantises and writes every matrix, the second reads them all, and
+/// `bench` says which it measured.
+#[test]
+fn bench_reports_the_quantised_weights_cache() {
+    let scratch = Scratch::new("bench-qcache");
+    let root = scratch.0.join("cache");
+    let model = fixture("tiny-llava-hf-llama");
+    let run = || {
+        let out = llava_med_ok([
+            "bench",
+            "--model",
+            model.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--quant",
+            "int4",
+            "--quant-cache",
+            root.to_str().unwrap(),
+            "--runs",
+            "1",
+            "--prompt-tokens",
+            "8",
+            "--new-tokens",
+            "2",
+            "--contexts",
+            "16",
+            "--json",
+        ]);
+        let report: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        report["quant_cache"].clone()
+    };
+    let first = run();
+    let n = first["quantized"].as_u64().unwrap();
+    assert!(
+        n > 0 && first["written"] == n && first["read"] == 0,
+        "{first}"
+    );
+    let second = run();
+    assert!(second["read"] == n && second["quantized"] == 0, "{second}");
+}
+
 #[test]
 fn unreadable_image() {
-    let s = Scratch::copy_of("tiny-llava-hf-llama", "img");
+    let s = copy_of("tiny-llava-hf-llama", "img");
     let bad = s.0.join("scan.png");
     std::fs::write(&bad, b"\x89PNG\r\n\x1a\nthis is not really a png").unwrap();
     let e = fails(&[

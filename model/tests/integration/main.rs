@@ -8,6 +8,7 @@ mod dicom_fuzz;
 mod generation;
 mod parity;
 mod preprocess;
+mod quant_cache;
 mod quantization;
 mod real_weights;
 mod series;

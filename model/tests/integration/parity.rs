@@ -7,16 +7,24 @@ use llava_med::generate::{GenerateParams, SamplingParams, generate, greedy_witho
 use llava_med::imaging::{ClipPreprocess, load_image};
 use llava_med::prompt::PromptTokenizer;
 
-use crate::common::{Reference, assert_close, fixture, to_vec};
+use std::path::Path;
+
+use safetensors::SafeTensors;
+
+use crate::common::{Reference, Scratch, assert_close, copy_dir, fixture, to_vec};
 
 fn check_fixture(name: &str, device: &Device, tol: f32) {
-    let dir = fixture(name);
+    check_dir(&fixture(name), device, tol);
+}
+
+fn check_dir(dir: &Path, device: &Device, tol: f32) {
+    let name = &dir.display().to_string();
     let reference = Reference::open(&dir.join("reference.safetensors"));
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
             .unwrap();
-    let model = LlavaModel::load(&dir, device, DType::F32, None).unwrap();
-    let tok = PromptTokenizer::from_dir(&dir).unwrap();
+    let model = LlavaModel::load(dir, device, DType::F32, None).unwrap();
+    let tok = PromptTokenizer::from_dir(dir).unwrap();
 
     // Preprocessing of the non-square image.
     let pre = ClipPreprocess::openai(model.image_size().unwrap());
@@ -139,6 +147,35 @@ fn check_greedy(
 #[test]
 fn llava_hf_llama_matches_transformers_on_cpu() {
     check_fixture("tiny-llava-hf-llama", &Device::flex(), 1e-4);
+}
+
+/// transformers 5 saves a llava-hf model's CLIP tower as `vision_tower.*`, without the
+/// `vision_tower.vision_model.*` level older versions (and the Hub's llava-hf checkpoints) have.
+#[test]
+fn llava_hf_saved_by_transformers_5_loads() {
+    let scratch = Scratch::new("tf5-names");
+    let dir = scratch.0.join("model");
+    copy_dir(&fixture("tiny-llava-hf-llama"), &dir);
+    let file = dir.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let renamed: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            (
+                name.replace("vision_tower.vision_model.", "vision_tower."),
+                t,
+            )
+        })
+        .collect();
+    assert!(
+        renamed
+            .iter()
+            .any(|(n, _)| n == "vision_tower.embeddings.class_embedding")
+    );
+    safetensors::serialize_to_file(renamed, None, &file).unwrap();
+    check_dir(&dir, &Device::flex(), 1e-4);
 }
 
 #[test]

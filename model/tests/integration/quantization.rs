@@ -37,7 +37,7 @@ struct Agreement {
 /// Teacher-forced agreement of `quant` with full precision over `n` greedy tokens per prompt.
 fn agreement(dir: &Path, prompts: &[Prompt], n: usize, quant: Quantization) -> Agreement {
     let full = Engine::load(dir, cpu(), Some(512)).unwrap();
-    let q = Engine::load_quantized(dir, cpu(), Some(512), quant).unwrap();
+    let q = Engine::load_quantized(dir, cpu(), Some(512), quant, None).unwrap();
     let mut out = Agreement {
         agreed: 0,
         total: 0,
@@ -241,8 +241,9 @@ fn quantised_model_runs_the_same_on_wgpu() {
     let dir = fixture("tiny-llava-hf-llama");
     let ids: Vec<i64> = vec![1, llava_med::IMAGE_SLOT, 22, 57, 301, 9, 144];
     let logits = |device: &Device, quant: Quantization| {
-        let m = llava_med::LlavaModel::load_quantized(&dir, device, DType::F32, Some(64), quant)
-            .unwrap();
+        let m =
+            llava_med::LlavaModel::load_quantized(&dir, device, DType::F32, Some(64), quant, None)
+                .unwrap();
         let pixels = burn::tensor::Tensor::<4>::ones([1, 3, 56, 56], device) * 0.25;
         let feats = m.encode_images(pixels).unwrap();
         let mut cache = m.new_cache();
