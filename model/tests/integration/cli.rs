@@ -2,9 +2,8 @@
 //! and the commands work on the fixture models.
 
 use std::path::Path;
-use std::process::Command;
 
-use crate::common::{Scratch, copy_dir, fixture, llava_med_ok};
+use crate::common::{Scratch, copy_dir, fixture, llava_med, llava_med_ok};
 
 /// A scratch copy of a fixture model that a test may break.
 fn copy_of(name: &str, tag: &str) -> Scratch {
@@ -15,7 +14,7 @@ fn copy_of(name: &str, tag: &str) -> Scratch {
 
 /// Runs `llava-med inspect` (or `generate` with an image) and returns stderr, asserting exit code 1.
 fn fails(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_llava-med"))
+    let out = llava_med()
         .args(args)
         .args(["--device", "cpu"])
         .output()
@@ -301,7 +300,7 @@ fn cli_generate_tokenize_and_logits_work_on_the_fixture() {
 fn quantised_cpu_models_compute_in_f32() {
     // bf16 asked for: the CPU's packed-weight kernels are f32 only (bf16 decoded ~90× slower), so f32 is
     // used and the user told why.
-    let out = Command::new(env!("CARGO_BIN_EXE_llava-med"))
+    let out = llava_med()
         .args([
             "inspect", "--device", "cpu", "--dtype", "bf16", "--quant", "int4", "--model",
         ])
@@ -322,7 +321,7 @@ fn quantised_cpu_models_compute_in_f32() {
 
 #[test]
 fn inspect_reports_layout_sizes_and_sources() {
-    let out = Command::new(env!("CARGO_BIN_EXE_llava-med"))
+    let out = llava_med()
         .args(["inspect", "--device", "cpu", "--model"])
         .arg(fixture("tiny-llava-med-mistral"))
         .output()

@@ -16,11 +16,16 @@ pub fn fixture(name: &str) -> PathBuf {
 }
 
 /// Stdout of a `llava-med` run that must succeed (its stderr in the panic message otherwise).
+/// The `llava-med` command built with these tests, with the quantised-weights cache off (a test that
+/// wants it names its own folder): tests never write to the user's cache folder.
+pub fn llava_med() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_llava-med"));
+    command.env(llava_med::quant::cache::ENV, "off");
+    command
+}
+
 pub fn llava_med_ok<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) -> Vec<u8> {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llava-med"))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = llava_med().args(args).output().unwrap();
     assert!(
         out.status.success(),
         "{}",

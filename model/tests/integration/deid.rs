@@ -17,7 +17,7 @@ use llava_med::imaging::dicom::deid::{
 };
 use llava_med::imaging::dicom::{DicomFile, DicomOptions, WindowChoice};
 
-use crate::common::required_test_data;
+use crate::common::{llava_med, required_test_data};
 
 /// Files covering CT, MR, CR, RGB secondary capture, sequences and private attributes, several transfer
 /// syntaxes (explicit/implicit/big endian, RLE, JPEG 2000).
@@ -395,7 +395,7 @@ fn anonymize_command_writes_a_valid_file_and_warns() {
     };
     let dir = out_dir("cli");
     let run = |input: &Path, output: &Path| {
-        Command::new(env!("CARGO_BIN_EXE_llava-med"))
+        llava_med()
             .arg("anonymize")
             .arg(input)
             .arg(output)

@@ -2,7 +2,6 @@
 //! renders DICOM and feeds it to the model. Needs `scripts/fetch-test-data.sh` (`dicom/`).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use image::DynamicImage;
@@ -11,7 +10,7 @@ use llava_med::imaging::{
     open_any, open_any_with, open_any_with_time_limit, render_with_time_limit,
 };
 
-use crate::common::{fixture, required_test_data};
+use crate::common::{fixture, llava_med, required_test_data};
 
 /// One entry of `dicom/references/references.json` (written by `scripts/dicom_references.py`).
 #[derive(serde::Deserialize)]
@@ -293,7 +292,7 @@ fn decoding_with_a_time_limit() {
     );
 
     // The CLI: `--decode-timeout-s`.
-    let o = llava_med(&[
+    let o = run_llava_med(&[
         "render",
         "--image",
         path.to_str().unwrap(),
@@ -308,7 +307,7 @@ fn decoding_with_a_time_limit() {
         stderr.contains("RG1_J2KR.dcm") && stderr.contains("abandoned"),
         "{stderr}"
     );
-    let o = llava_med(&[
+    let o = run_llava_med(&[
         "render",
         "--image",
         path.to_str().unwrap(),
@@ -318,11 +317,8 @@ fn decoding_with_a_time_limit() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--decode-timeout-s must be a positive"));
 }
 
-fn llava_med(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_llava-med"))
-        .args(args)
-        .output()
-        .unwrap()
+fn run_llava_med(args: &[&str]) -> std::process::Output {
+    llava_med().args(args).output().unwrap()
 }
 
 #[test]
@@ -333,7 +329,7 @@ fn cli_renders_dicom_and_feeds_it_to_the_model() {
     let ct = root.join("pydicom/CT_small.dcm");
     let out: PathBuf =
         std::env::temp_dir().join(format!("llava-med-ct-{}.png", std::process::id()));
-    let o = llava_med(&[
+    let o = run_llava_med(&[
         "render",
         "--image",
         ct.to_str().unwrap(),
@@ -355,7 +351,7 @@ fn cli_renders_dicom_and_feeds_it_to_the_model() {
     let _ = std::fs::remove_file(&out);
     assert!(max <= 1 && within == 1.0, "max {max}");
 
-    let o = llava_med(&[
+    let o = run_llava_med(&[
         "render",
         "--image",
         ct.to_str().unwrap(),
@@ -366,7 +362,7 @@ fn cli_renders_dicom_and_feeds_it_to_the_model() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("width must be positive"));
 
     let model = fixture("tiny-llava-med-mistral");
-    let o = llava_med(&[
+    let o = run_llava_med(&[
         "generate",
         "--model",
         model.to_str().unwrap(),

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 use std::ops::ControlFlow;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use burn::tensor::{DType, Device};
 use image::DynamicImage;
@@ -14,7 +14,7 @@ use llava_med::imaging::load_image;
 use llava_med::llava::VisionWeightsSource;
 use llava_med::prompt::{PromptTokenizer, StreamDecoder};
 
-use crate::common::fixture;
+use crate::common::{fixture, llava_med};
 
 fn cpu() -> SelectedDevice {
     SelectedDevice {
@@ -254,7 +254,7 @@ fn vision_tower_from_a_separate_clip_folder() {
 #[test]
 fn chat_answers_turns_and_attaches_images() {
     let dir = fixture("tiny-llava-med-mistral");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_llava-med"))
+    let mut child = llava_med()
         .args([
             "chat",
             "--device",

@@ -9,7 +9,7 @@ use llava_med::engine::Engine;
 use llava_med::generate::{PromptCache, SamplingParams};
 use llava_med::prompt::Template;
 
-use crate::common::{Reference, assert_close, fixture, required_test_data, to_vec};
+use crate::common::{Reference, assert_close, fixture, llava_med, required_test_data, to_vec};
 
 fn engine() -> Option<Engine> {
     let dir = required_test_data("smollm2-135m-instruct")?;
@@ -97,7 +97,7 @@ fn loading_peak_memory_stays_near_model_size() {
     let model_bytes = std::fs::metadata(dir.join("model.safetensors"))
         .unwrap()
         .len() as f64;
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llava-med"))
+    let out = llava_med()
         .args(["inspect", "--device", "cpu", "--model"])
         .arg(&dir)
         .output()

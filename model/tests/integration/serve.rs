@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use crate::common::{fixture, llava_med_ok, required_test_data, test_data};
+use crate::common::{fixture, llava_med, llava_med_ok, required_test_data, test_data};
 
 const MODEL: &str = "tiny-llava-med-mistral";
 
@@ -31,7 +31,7 @@ impl Server {
     }
 
     fn start_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_llava-med"))
+        let mut child = llava_med()
             .args(["serve", "--model"])
             .arg(fixture(MODEL))
             .args(["--device", "cpu", "--port", "0"])
@@ -712,7 +712,7 @@ fn an_api_key_is_required_when_set_and_for_non_loopback_addresses() {
         )
         .assert_error(401, "invalid_api_key");
 
-    let out = Command::new(env!("CARGO_BIN_EXE_llava-med"))
+    let out = llava_med()
         .args(["serve", "--device", "cpu", "--host", "0.0.0.0", "--model"])
         .arg(fixture(MODEL))
         .output()
@@ -721,7 +721,7 @@ fn an_api_key_is_required_when_set_and_for_non_loopback_addresses() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("without an API key"), "{stderr}");
     assert!(out.stdout.is_empty());
-    let out = Command::new(env!("CARGO_BIN_EXE_llava-med"))
+    let out = llava_med()
         .args([
             "serve",
             "--device",
