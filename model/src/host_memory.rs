@@ -80,6 +80,40 @@ pub fn zeroed_on_huge_pages<T: Copy + Default>(len: usize) -> Vec<T> {
     values
 }
 
+/// `out[i]` = `value` of the `i`th `width` bytes of `input`, on all cores in runs of whole huge pages:
+/// filling fresh memory is mostly the kernel zeroing its pages on first touch, which goes as many times
+/// faster as there are cores touching them (loading a checkpoint converts every weight this way).
+pub fn convert_in_parallel<T: Send>(
+    input: &[u8],
+    width: usize,
+    out: &mut [T],
+    value: impl Fn(&[u8]) -> T + Sync,
+) {
+    assert_eq!(
+        input.len(),
+        out.len() * width,
+        "input and output sizes differ"
+    );
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Runs of 2 MiB (a huge page on Linux), so small parts take no extra threads.
+    const RUN_BYTES: usize = 2 << 20;
+    let chunk = out
+        .len()
+        .div_ceil(threads)
+        .next_multiple_of(RUN_BYTES / std::mem::size_of::<T>().max(1))
+        .max(1);
+    let value = &value;
+    std::thread::scope(|scope| {
+        for (o, b) in out.chunks_mut(chunk).zip(input.chunks(chunk * width)) {
+            scope.spawn(move || {
+                for (v, b) in o.iter_mut().zip(b.chunks_exact(width)) {
+                    *v = value(b);
+                }
+            });
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -122,6 +156,23 @@ mod tests {
                 huge_kb >= 2048,
                 "no huge page backs the 40 MiB buffer ({huge_kb} kB)"
             );
+        }
+    }
+
+    /// Every value converted from its own bytes, across the threads' run boundaries and a ragged end.
+    #[test]
+    fn parallel_conversion_is_the_sequential_one() {
+        for len in [0, 1, 5, 3 * (1 << 19) + 7] {
+            let bytes: Vec<u8> = (0..len * 2).map(|i| (i * 7 % 251) as u8).collect();
+            let mut out = vec![0u32; len];
+            super::convert_in_parallel(&bytes, 2, &mut out, |b| {
+                u32::from(b[0]) << 8 | u32::from(b[1])
+            });
+            let want: Vec<u32> = bytes
+                .chunks_exact(2)
+                .map(|b| u32::from(b[0]) << 8 | u32::from(b[1]))
+                .collect();
+            assert!(out == want, "{len} values");
         }
     }
 

@@ -14,7 +14,7 @@ use safetensors::{Dtype, SafeTensors};
 use crate::embedding::TokenEmbedding;
 use crate::error::{Error, Result};
 use crate::fused::panel_matmul;
-use crate::host_memory::zeroed_on_huge_pages;
+use crate::host_memory::{convert_in_parallel, zeroed_on_huge_pages};
 use crate::linear::Linear;
 use crate::quant::cache::{CacheTally, Lookup, QuantCache};
 use crate::quant::{Quantization, QuantizedMatrix, pack};
@@ -169,6 +169,13 @@ impl WeightFiles {
 
     /// Reads a tensor as f32 values (host), checking its shape.
     fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let mut values = zeroed_on_huge_pages::<f32>(expected.iter().product());
+        self.read_f32_into(name, expected, &mut values)?;
+        Ok(values)
+    }
+
+    /// [`Self::read_f32`] into `out` (`expected`'s size), converted on all cores.
+    fn read_f32_into(&self, name: &str, expected: &[usize], out: &mut [f32]) -> Result<()> {
         let &i = self.index.get(name).ok_or_else(|| {
             Error::weights(
                 &self.dir,
@@ -188,12 +195,14 @@ impl WeightFiles {
         }
         let (start, end) = (shard.data_start + entry.start, shard.data_start + entry.end);
         let bytes = &shard.mmap[start..end];
-        let values = match entry.dtype {
-            Dtype::F32 => decode(bytes, 4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            Dtype::F16 => decode(bytes, 2, |b| {
+        match entry.dtype {
+            Dtype::F32 => convert_in_parallel(bytes, 4, out, |b| {
+                f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+            }),
+            Dtype::F16 => convert_in_parallel(bytes, 2, out, |b| {
                 half::f16::from_le_bytes([b[0], b[1]]).to_f32()
             }),
-            Dtype::BF16 => decode(bytes, 2, |b| {
+            Dtype::BF16 => convert_in_parallel(bytes, 2, out, |b| {
                 half::bf16::from_le_bytes([b[0], b[1]]).to_f32()
             }),
             other => {
@@ -204,19 +213,10 @@ impl WeightFiles {
                     ),
                 ));
             }
-        };
+        }
         release_pages(&shard.mmap, start, end);
-        Ok(values)
+        Ok(())
     }
-}
-
-/// `bytes` as values of `width` bytes each, converted by `value`, into a buffer on huge pages (weights).
-fn decode(bytes: &[u8], width: usize, value: impl Fn(&[u8]) -> f32) -> Vec<f32> {
-    let mut values = zeroed_on_huge_pages::<f32>(bytes.len() / width);
-    for (v, b) in values.iter_mut().zip(bytes.chunks_exact(width)) {
-        *v = value(b);
-    }
-    values
 }
 
 /// Drops the mapped pages of a tensor already converted, so the file's pages do not stay resident beside
@@ -534,10 +534,14 @@ impl WeightLoader<'_> {
         d_outs: &[usize],
         d_in: usize,
     ) -> Result<Vec<f32>> {
-        let mut rows = Vec::with_capacity(d_in * d_outs.iter().sum::<usize>());
+        // Each part converted straight into its rows: no second pass over the whole matrix.
+        let mut rows = zeroed_on_huge_pages::<f32>(d_in * d_outs.iter().sum::<usize>());
+        let mut rest = rows.as_mut_slice();
         for (name, &d_out) in names.iter().zip(d_outs) {
-            rows.extend(files.read_f32(name, &[d_out, d_in])?);
+            let (part, after) = rest.split_at_mut(d_out * d_in);
+            files.read_f32_into(name, &[d_out, d_in], part)?;
             self.used.insert(name.clone());
+            rest = after;
         }
         Ok(rows)
     }

@@ -77,6 +77,22 @@ impl DeviceArgs {
     }
 }
 
+/// Tells the user, before a quantised load that has nothing cached yet, why it takes minutes this once.
+fn note_first_quantisation(model: &Path, quant: Quantization, root: Option<&Path>) {
+    let Some(root) = root.filter(|_| quant != Quantization::None) else {
+        return;
+    };
+    let cache = cache::QuantCache::for_model(root, model);
+    if !cache.dir().is_dir() {
+        eprintln!(
+            "note: first load of {} with --quant {quant}: quantising it (minutes for a 7B model); the \
+             packed weights are kept in {} so later loads read them (--quant-cache off: never kept)",
+            model.display(),
+            cache.dir().display()
+        );
+    }
+}
+
 /// Logs what a load did with the quantised-weights cache.
 fn log_cache(root: Option<&Path>, tally: Option<&CacheTally>) {
     if let (Some(root), Some(tally)) = (root, tally) {
@@ -491,6 +507,7 @@ fn load(model: &Path, args: &DeviceArgs) -> Result<Engine> {
     let (selected, quant) = args.select()?;
     tracing::info!(device = %selected.kind, dtype = ?selected.dtype, %quant, "loading {}", model.display());
     let cache = args.quant_cache();
+    note_first_quantisation(model, quant, cache.as_deref());
     let engine = Engine::load_quantized(model, selected, args.context, quant, cache.as_deref())?;
     log_cache(cache.as_deref(), engine.model.quant_cache.as_ref());
     Ok(engine)
@@ -538,6 +555,9 @@ fn bench(
         None => (options.longest_decode() + 64).max(needed),
     };
     let cache = args.quant_cache();
+    if let Some(dir) = model {
+        note_first_quantisation(dir, quant, cache.as_deref());
+    }
     let start = std::time::Instant::now();
     let loaded = match model {
         Some(dir) => LlavaModel::load_quantized(

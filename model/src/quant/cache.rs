@@ -20,7 +20,7 @@ use safetensors::{Dtype, SafeTensors};
 use sha2::{Digest, Sha256};
 
 use super::pack::{self, GROUP, Packed};
-use crate::host_memory::zeroed_on_huge_pages;
+use crate::host_memory::{convert_in_parallel, zeroed_on_huge_pages};
 
 /// Environment variable naming the cache's root folder (`off` for no cache).
 pub const ENV: &str = "LLAVA_MED_QUANT_CACHE";
@@ -264,27 +264,15 @@ fn decode(bytes: &[u8], entry: &Entry) -> Result<Option<Packed>, String> {
         group_params: vec![0; params.len() / 4],
         supers: vec![0.0; supers.len() / 4],
     };
-    from_le(codes, &mut packed.codes, i32::from_le_bytes);
-    from_le(params, &mut packed.group_params, i32::from_le_bytes);
-    from_le(supers, &mut packed.supers, f32::from_le_bytes);
-    Ok(Some(packed))
-}
-
-/// `out[i]` = `value` of the `i`th 4 bytes of `bytes`, by all cores: most of reading an entry is the kernel
-/// handing over (zeroing) the fresh pages `out` is written to, which goes faster on several cores at once.
-fn from_le<T: Send>(bytes: &[u8], out: &mut [T], value: fn([u8; 4]) -> T) {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // Whole 2 MiB huge pages per thread, and no threads for small parts.
-    let chunk = out.len().div_ceil(threads).next_multiple_of(1 << 19);
-    std::thread::scope(|scope| {
-        for (o, b) in out.chunks_mut(chunk).zip(bytes.chunks(4 * chunk)) {
-            scope.spawn(move || {
-                for (v, b) in o.iter_mut().zip(b.chunks_exact(4)) {
-                    *v = value([b[0], b[1], b[2], b[3]]);
-                }
-            });
-        }
+    let word = |b: &[u8]| [b[0], b[1], b[2], b[3]];
+    convert_in_parallel(codes, 4, &mut packed.codes, |b| i32::from_le_bytes(word(b)));
+    convert_in_parallel(params, 4, &mut packed.group_params, |b| {
+        i32::from_le_bytes(word(b))
     });
+    convert_in_parallel(supers, 4, &mut packed.supers, |b| {
+        f32::from_le_bytes(word(b))
+    });
+    Ok(Some(packed))
 }
 
 fn write_entry(path: &Path, entry: &Entry, p: &Packed) -> std::io::Result<()> {

@@ -165,37 +165,53 @@ fn bench_reports_the_quantised_weights_cache() {
     let root = scratch.0.join("cache");
     let model = fixture("tiny-llava-hf-llama");
     let run = || {
-        let out = llava_med_ok([
-            "bench",
-            "--model",
-            model.to_str().unwrap(),
-            "--device",
-            "cpu",
-            "--quant",
-            "int4",
-            "--quant-cache",
-            root.to_str().unwrap(),
-            "--runs",
-            "1",
-            "--prompt-tokens",
-            "8",
-            "--new-tokens",
-            "2",
-            "--contexts",
-            "16",
-            "--json",
-        ]);
-        let report: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        report["quant_cache"].clone()
+        let out = llava_med()
+            .args([
+                "bench",
+                "--model",
+                model.to_str().unwrap(),
+                "--device",
+                "cpu",
+                "--quant",
+                "int4",
+                "--quant-cache",
+                root.to_str().unwrap(),
+                "--runs",
+                "1",
+                "--prompt-tokens",
+                "8",
+                "--new-tokens",
+                "2",
+                "--contexts",
+                "16",
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (
+            report["quant_cache"].clone(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
-    let first = run();
+    let (first, note) = run();
+    assert!(
+        note.contains("note: first load of") && note.contains("quantising"),
+        "{note}"
+    );
     let n = first["quantized"].as_u64().unwrap();
     assert!(
         n > 0 && first["written"] == n && first["read"] == 0,
         "{first}"
     );
-    let second = run();
+    let (second, note) = run();
     assert!(second["read"] == n && second["quantized"] == 0, "{second}");
+    assert!(!note.contains("first load"), "{note}");
 }
 
 #[test]
