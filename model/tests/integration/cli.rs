@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::common::{Scratch, copy_dir, fixture, llava_med, llava_med_ok};
+use crate::common::{Scratch, copy_dir, fixture, llava_med, llava_med_ok, llava_med_run_ok};
 
 /// A scratch copy of a fixture model that a test may break.
 fn copy_of(name: &str, tag: &str) -> Scratch {
@@ -129,24 +129,23 @@ fn bench_rejects_a_context_too_short_before_loading() {
     );
 }
 
+/// A `bench` run as short as it goes, on the CPU, reporting JSON.
+const SMALL_BENCH: &[&str] = &[
+    "--device",
+    "cpu",
+    "--runs",
+    "1",
+    "--prompt-tokens",
+    "8",
+    "--new-tokens",
+    "2",
+    "--json",
+];
+
 #[test]
 fn bench_times_decoding_at_the_contexts_asked_for() {
-    let out = llava_med_ok([
-        "bench",
-        "--shape",
-        "tiny",
-        "--device",
-        "cpu",
-        "--runs",
-        "1",
-        "--prompt-tokens",
-        "8",
-        "--new-tokens",
-        "2",
-        "--contexts",
-        "16,40",
-        "--json",
-    ]);
+    let args = ["bench", "--shape", "tiny", "--contexts", "16,40"];
+    let out = llava_med_ok(args.iter().chain(SMALL_BENCH));
     let report: serde_json::Value = serde_json::from_slice(&out).unwrap();
     let contexts: Vec<u64> = report["decode"]
         .as_array()
@@ -165,34 +164,18 @@ fn bench_reports_the_quantised_weights_cache() {
     let root = scratch.0.join("cache");
     let model = fixture("tiny-llava-hf-llama");
     let run = || {
-        let out = llava_med()
-            .args([
-                "bench",
-                "--model",
-                model.to_str().unwrap(),
-                "--device",
-                "cpu",
-                "--quant",
-                "int4",
-                "--quant-cache",
-                root.to_str().unwrap(),
-                "--runs",
-                "1",
-                "--prompt-tokens",
-                "8",
-                "--new-tokens",
-                "2",
-                "--contexts",
-                "16",
-                "--json",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let args = [
+            "bench",
+            "--model",
+            model.to_str().unwrap(),
+            "--quant",
+            "int4",
+            "--quant-cache",
+            root.to_str().unwrap(),
+            "--contexts",
+            "16",
+        ];
+        let out = llava_med_run_ok(args.iter().chain(SMALL_BENCH));
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         (
             report["quant_cache"].clone(),

@@ -15,7 +15,6 @@ pub fn fixture(name: &str) -> PathBuf {
     }
 }
 
-/// Stdout of a `llava-med` run that must succeed (its stderr in the panic message otherwise).
 /// The `llava-med` command built with these tests, with the quantised-weights cache off (a test that
 /// wants it names its own folder): tests never write to the user's cache folder.
 pub fn llava_med() -> std::process::Command {
@@ -24,14 +23,22 @@ pub fn llava_med() -> std::process::Command {
     command
 }
 
-pub fn llava_med_ok<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) -> Vec<u8> {
+/// A `llava-med` run that must succeed (its stderr in the panic message otherwise).
+pub fn llava_med_run_ok<S: AsRef<std::ffi::OsStr>>(
+    args: impl IntoIterator<Item = S>,
+) -> std::process::Output {
     let out = llava_med().args(args).output().unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    out.stdout
+    out
+}
+
+/// Stdout of a `llava-med` run that must succeed.
+pub fn llava_med_ok<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) -> Vec<u8> {
+    llava_med_run_ok(args).stdout
 }
 
 /// Downloaded test data (`scripts/fetch-test-data.sh`), if present.
