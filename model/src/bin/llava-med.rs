@@ -1,5 +1,5 @@
 //! `llava-med`: run LLaVA-Med from the command line (generate, chat, serve, inspect, tokenize, logits,
-//! render, anonymize).
+//! render, anonymize, cache).
 
 use std::io::{BufRead, Write};
 use std::ops::ControlFlow;
@@ -23,6 +23,9 @@ use llava_med::prompt::{PromptTokenizer, Template};
 use llava_med::quant::Quantization;
 use llava_med::quant::cache::{self, CacheTally};
 use llava_med::{IMAGE_SLOT, LlavaModel};
+
+#[path = "llava-med/cache_command.rs"]
+mod cache_command;
 
 #[derive(Parser)]
 #[command(
@@ -86,7 +89,7 @@ fn note_first_quantisation(model: &Path, quant: Quantization, root: Option<&Path
     if !cache.dir().is_dir() {
         eprintln!(
             "note: first load of {} with --quant {quant}: quantising it (minutes for a 7B model); the \
-             packed weights are kept in {} so later loads read them (--quant-cache off: never kept)",
+             packed weights are kept in {} so later loads read them (`llava-med cache list` shows them; --quant-cache off: never kept)",
             model.display(),
             cache.dir().display()
         );
@@ -357,6 +360,14 @@ enum Command {
         #[arg(long, default_value = "")]
         uid_salt: String,
     },
+    /// List or remove the quantised weights kept between loads (`--quant-cache`).
+    Cache {
+        #[command(subcommand)]
+        action: cache_command::CacheAction,
+        /// The cache's root folder. Default: $LLAVA_MED_QUANT_CACHE, else ~/.cache/llava-med/quantized.
+        #[arg(long, global = true, value_name = "DIR")]
+        quant_cache: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -500,6 +511,10 @@ fn run(cli: Cli) -> Result<()> {
             output,
             uid_salt,
         } => anonymize(&input, &output, uid_salt),
+        Command::Cache {
+            action,
+            quant_cache,
+        } => cache_command::run(action, quant_cache.as_deref()),
     }
 }
 
@@ -605,9 +620,15 @@ fn bench(
 
 /// The current UTC time as ISO 8601 (seconds).
 fn utc_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    utc_iso(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    )
+}
+
+/// A time in seconds since the Unix epoch as ISO 8601 UTC.
+fn utc_iso(secs: u64) -> String {
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days as i64 + 719_468;

@@ -31,6 +31,16 @@ const FORMAT: &str = "llava-med packed matrix v1";
 /// Metadata key of an entry's fingerprint.
 const FINGERPRINT_KEY: &str = "fingerprint";
 
+/// The file in each checkpoint's cache folder naming the checkpoint (`{"model": "<full path>"}`), so the
+/// folder can be listed and pruned without the checkpoint ([`super::cached_models`]).
+pub const MANIFEST: &str = "model.json";
+
+/// How an entry's file name ends: `.q<bits>.<float type>` then this.
+pub const ENTRY_SUFFIX: &str = ".safetensors";
+
+/// How a temporary file being written into a cache folder ends (`.<entry name>.<process id>.partial`).
+pub const PARTIAL_SUFFIX: &str = ".partial";
+
 /// The root folder for caches unless told otherwise: `$LLAVA_MED_QUANT_CACHE` (`off` or empty: none), else
 /// `llava-med/quantized` in the user's cache folder (`$XDG_CACHE_HOME`, `~/.cache`, `%LOCALAPPDATA%`).
 pub fn default_root() -> Option<PathBuf> {
@@ -62,6 +72,8 @@ pub fn parse_root(value: &str) -> Option<PathBuf> {
 #[derive(Debug, Clone)]
 pub struct QuantCache {
     dir: PathBuf,
+    /// The checkpoint folder's full path.
+    model: PathBuf,
 }
 
 /// What a cache lookup found.
@@ -137,6 +149,7 @@ impl QuantCache {
         let hash = hex(&Sha256::digest(full.to_string_lossy().as_bytes())[..8]);
         Self {
             dir: root.join(format!("{name}-{hash}")),
+            model: full,
         }
     }
 
@@ -163,7 +176,7 @@ impl QuantCache {
             String::new()
         };
         let file = self.dir.join(format!(
-            "{}{fused}.q{bits}.{dtype}.safetensors",
+            "{}{fused}.q{bits}.{dtype}{ENTRY_SUFFIX}",
             file_safe(label)
         ));
         let fingerprint = format!(
@@ -201,13 +214,27 @@ impl QuantCache {
     /// Writes `packed` as `entry` (a temporary file renamed into place).
     pub fn write(&self, entry: &Entry, packed: &Packed) -> std::io::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
-        let name = entry.file.file_name().unwrap_or_default().to_string_lossy();
+        let manifest = self.dir.join(MANIFEST);
+        if !manifest.is_file() {
+            let json = serde_json::json!({ "model": self.model });
+            self.write_atomically(&manifest, |tmp| std::fs::write(tmp, format!("{json}\n")))?;
+        }
+        self.write_atomically(&entry.file, |tmp| write_entry(tmp, entry, packed))
+    }
+
+    /// Writes `file` through `write` to a temporary name, then renames it into place.
+    fn write_atomically(
+        &self,
+        file: &Path,
+        write: impl FnOnce(&Path) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        let name = file.file_name().unwrap_or_default().to_string_lossy();
         let tmp = self
             .dir
-            .join(format!(".{name}.{}.partial", std::process::id()));
-        let result = write_entry(&tmp, entry, packed).and_then(|()| {
+            .join(format!(".{name}.{}{PARTIAL_SUFFIX}", std::process::id()));
+        let result = write(&tmp).and_then(|()| {
             // Renaming over an entry another process is reading is safe on Unix (it keeps the old file).
-            std::fs::rename(&tmp, &entry.file)
+            std::fs::rename(&tmp, file)
         });
         if result.is_err() {
             let _ = std::fs::remove_file(&tmp);
@@ -405,7 +432,11 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert!(names.iter().all(|n| !n.ends_with(".partial")), "{names:?}");
-        assert_eq!(names.len(), 2, "{names:?}");
+        assert_eq!(names.len(), 3, "{names:?}");
+        // The manifest names the checkpoint.
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(cache.dir().join(MANIFEST)).unwrap()).unwrap();
+        assert_eq!(manifest["model"], "/models/llava-med 7b");
     }
 
     #[test]
@@ -426,6 +457,7 @@ mod tests {
         let other = cache.entry("w", 1, [rows + 1, cols], 4, DType::F32, "src");
         let wrong = QuantCache {
             dir: cache.dir().join("other"),
+            model: cache.model.clone(),
         };
         let mut bigger = pack::quantize(
             &random_values(1, (rows + 1) * cols),

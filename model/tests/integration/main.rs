@@ -1,5 +1,6 @@
 //! Integration tests of the `llava-med` crate, in one binary (one link of Burn instead of many).
 
+mod cache_command;
 mod cli;
 mod common;
 mod deid;

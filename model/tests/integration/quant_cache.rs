@@ -25,11 +25,15 @@ fn load(dir: &Path, quant: Quantization, root: Option<&Path>) -> (Vec<f32>, Opti
     (logits, m.quant_cache)
 }
 
+/// The entries under `root` (each checkpoint's folder also holds its manifest, `model.json`).
 fn entries(root: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
     for model in std::fs::read_dir(root).unwrap() {
         for e in std::fs::read_dir(model.unwrap().path()).unwrap() {
-            found.push(e.unwrap().path());
+            let path = e.unwrap().path();
+            if path.file_name().unwrap() != "model.json" {
+                found.push(path);
+            }
         }
     }
     found.sort();
