@@ -168,7 +168,7 @@ impl LlavaModel {
                 (Some(v), Some(src), skipped)
             }
         };
-        let mut quant_cache = w.cache_tally().cloned();
+        let mut quant_cache = w.cache_tally();
         if let (Some(all), Some(clip)) = (quant_cache.as_mut(), clip_tally) {
             all.add(&clip);
         }
@@ -469,7 +469,7 @@ fn load_vision(
         cw.set_quantization(w.quantization());
         cw.set_quant_cache(w.quant_cache_root());
         let tower = ClipVisionTower::load(&mut cw, "vision_model", &mm.vision, layers)?;
-        *clip_tally = cw.cache_tally().cloned();
+        *clip_tally = cw.cache_tally();
         let skipped = cw.finish(|_| true)?;
         (tower, VisionWeightsSource::ClipFolder(folder), skipped)
     };

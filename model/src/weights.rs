@@ -17,6 +17,7 @@ use crate::fused::panel_matmul;
 use crate::host_memory::{convert_in_parallel, zeroed_on_huge_pages};
 use crate::linear::Linear;
 use crate::quant::cache::{CacheTally, Lookup, QuantCache};
+use crate::quant::cache_writer::EntryWriter;
 use crate::quant::{Quantization, QuantizedMatrix, pack};
 
 /// One memory-mapped safetensors file with its parsed header.
@@ -152,6 +153,7 @@ impl WeightFiles {
             used: HashSet::new(),
             quantization: Quantization::None,
             cache: None,
+            writer: None,
             tally: CacheTally::default(),
         }
     }
@@ -295,6 +297,8 @@ pub struct WeightLoader<'a> {
     quantization: Quantization,
     /// Where quantised matrices are kept between loads (checkpoints only).
     cache: Option<QuantCache>,
+    /// Writes new entries while the load goes on (started by the first one).
+    writer: Option<EntryWriter>,
     tally: CacheTally,
 }
 
@@ -310,6 +314,7 @@ impl WeightLoader<'static> {
             used: HashSet::new(),
             quantization: Quantization::None,
             cache: None,
+            writer: None,
             tally: CacheTally::default(),
         }
     }
@@ -350,9 +355,17 @@ impl WeightLoader<'_> {
         self.cache.as_ref().and_then(|c| c.dir().parent())
     }
 
-    /// What this load did with the quantised-weights cache, `None` without one.
-    pub fn cache_tally(&self) -> Option<&CacheTally> {
-        self.cache.as_ref().map(|_| &self.tally)
+    /// What this load did with the quantised-weights cache, `None` without one; waits for the entries
+    /// still being written.
+    pub fn cache_tally(&mut self) -> Option<CacheTally> {
+        if let Some(writer) = self.writer.take() {
+            let outcome = writer.finish();
+            self.tally.written += outcome.written;
+            if self.tally.write_error.is_none() {
+                self.tally.write_error = outcome.error;
+            }
+        }
+        self.cache.as_ref().map(|_| self.tally.clone())
     }
 
     /// Whether the checkpoint holds `name` (a random loader holds everything).
@@ -601,20 +614,9 @@ impl WeightLoader<'_> {
         let packed = pack::quantize(&rows, total, d_in, bits, self.dtype);
         drop(rows);
         self.tally.quantized += 1;
-        if let Some((cache, entry)) = &entry
-            && self.tally.write_error.is_none()
-        {
-            match cache.write(entry, &packed) {
-                Ok(()) => self.tally.written += 1,
-                Err(e) => {
-                    // Once: a full disk or a read-only folder fails every entry the same way.
-                    let file = entry.file().display();
-                    tracing::warn!(
-                        "{file}: cannot write the quantised-weights cache ({e}); this load goes on without it"
-                    );
-                    self.tally.write_error = Some(format!("{file}: {e}"));
-                }
-            }
+        if let Some((cache, entry)) = &entry {
+            let writer = self.writer.get_or_insert_with(EntryWriter::start);
+            writer.submit(cache, entry, &packed);
         }
         Ok(QuantizedMatrix::upload(packed, &self.device, self.dtype))
     }

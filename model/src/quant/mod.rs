@@ -8,6 +8,7 @@
 //! dequantised a slab at a time as they are used.
 
 pub mod cache;
+pub mod cache_writer;
 pub mod cached_models;
 #[cfg(feature = "cpu")]
 pub mod cpu;
