@@ -38,6 +38,10 @@ pub const MANIFEST: &str = "model.json";
 /// How an entry's file name ends: `.q<bits>.<float type>` then this.
 pub const ENTRY_SUFFIX: &str = ".safetensors";
 
+/// Disk space the cache leaves free: it stops writing rather than fill a disk the rest of the machine
+/// needs (a 7B model's entries are 4.3 GB at int4, 7.6 GB at int8).
+pub const KEEP_FREE_BYTES: u64 = 2_000_000_000;
+
 /// How a temporary file being written into a cache folder ends (`.<entry name>.<process id>.partial`).
 pub const PARTIAL_SUFFIX: &str = ".partial";
 
@@ -74,6 +78,8 @@ pub struct QuantCache {
     dir: PathBuf,
     /// The checkpoint folder's full path.
     model: PathBuf,
+    /// Disk space left free ([`KEEP_FREE_BYTES`]).
+    keep_free: u64,
 }
 
 /// What a cache lookup found.
@@ -150,6 +156,7 @@ impl QuantCache {
         Self {
             dir: root.join(format!("{name}-{hash}")),
             model: full,
+            keep_free: KEEP_FREE_BYTES,
         }
     }
 
@@ -221,6 +228,20 @@ impl QuantCache {
     pub fn write_encoded(&self, encoded: &EncodedEntry) -> std::io::Result<()> {
         let entry = &encoded.entry;
         std::fs::create_dir_all(&self.dir)?;
+        // Where the free space cannot be told (an unusual file system), writing goes ahead.
+        if let Ok(available) = fs4::available_space(&self.dir)
+            && available < encoded.bytes() + self.keep_free
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                format!(
+                    "{:.2} GB free on its disk, and the cache leaves {:.1} GB free; free some space or pass \
+                     --quant-cache DIR on another disk",
+                    available as f64 / 1e9,
+                    self.keep_free as f64 / 1e9
+                ),
+            ));
+        }
         let manifest = self.dir.join(MANIFEST);
         if !manifest.is_file() {
             let json = serde_json::json!({ "model": self.model });
@@ -342,6 +363,11 @@ impl EncodedEntry {
     /// The entry it is for.
     pub fn entry(&self) -> &Entry {
         &self.entry
+    }
+
+    /// Bytes of its parts (its file is a few hundred bytes more).
+    pub fn bytes(&self) -> u64 {
+        (self.codes.1.len() + self.group_params.1.len() + self.supers.1.len()) as u64
     }
 }
 
@@ -495,7 +521,7 @@ mod tests {
         let other = cache.entry("w", 1, [rows + 1, cols], 4, DType::F32, "src");
         let wrong = QuantCache {
             dir: cache.dir().join("other"),
-            model: cache.model.clone(),
+            ..cache.clone()
         };
         let mut bigger = pack::quantize(
             &random_values(1, (rows + 1) * cols),
@@ -516,6 +542,24 @@ mod tests {
             panic!("an entry of the wrong shape was read")
         };
         assert!(why.contains("codes"), "{why}");
+    }
+
+    #[test]
+    fn a_disk_about_to_fill_is_left_alone() {
+        let (_root, cache) = cache("full");
+        let packed = pack::quantize(&random_values(3, 2 * 64), 2, 64, 8, DType::F32);
+        let entry = cache.entry("w", 1, [2, 64], 8, DType::F32, "src");
+        // No disk has this much free.
+        let cautious = QuantCache {
+            keep_free: u64::MAX / 2,
+            ..cache.clone()
+        };
+        let err = cautious.write(&entry, &packed).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::StorageFull);
+        assert!(err.to_string().contains("GB free on its disk"), "{err}");
+        assert!(matches!(cache.read(&entry), Lookup::Missing));
+        cache.write(&entry, &packed).unwrap();
+        assert!(matches!(cache.read(&entry), Lookup::Hit(_)));
     }
 
     #[test]
