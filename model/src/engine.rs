@@ -14,7 +14,7 @@ use crate::generate::{
     self, GenerateParams, Generation, ImageFingerprint, PromptCache, PromptLayout, SamplingParams,
 };
 use crate::imaging::ClipPreprocess;
-use crate::llava::LlavaModel;
+use crate::llava::{LlavaModel, LoadOptions};
 use crate::prompt::{IMAGE_PLACEHOLDER, PromptTokenizer, Template, with_image};
 use crate::quant::Quantization;
 
@@ -45,18 +45,22 @@ impl Engine {
         quantization: Quantization,
         quant_cache: Option<&Path>,
     ) -> Result<Self> {
+        let options = LoadOptions {
+            max_context: context,
+            quantization,
+            quant_cache: quant_cache.map(Path::to_path_buf),
+            progress: None,
+        };
+        Self::load_with(dir, device, &options)
+    }
+
+    /// Loads the model folder `dir` on `device` as `options` say ([`LlavaModel::load_with`]).
+    pub fn load_with(dir: &Path, device: SelectedDevice, options: &LoadOptions) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::config(dir, "model folder not found"));
         }
         let tokenizer = PromptTokenizer::from_dir(dir)?;
-        let model = LlavaModel::load_quantized(
-            dir,
-            &device.device,
-            device.dtype,
-            context,
-            quantization,
-            quant_cache,
-        )?;
+        let model = LlavaModel::load_with(dir, &device.device, device.dtype, options)?;
         let template = Template::default_for(
             &model.config.model_type,
             model.config.text.kind == DecoderKind::Mistral,

@@ -18,6 +18,7 @@ pub mod kernels;
 pub mod linear;
 pub mod llava;
 pub mod lm;
+pub mod load_progress;
 pub mod norm;
 pub mod projector;
 pub mod prompt;
@@ -28,4 +29,4 @@ pub mod weights;
 
 pub use config::ModelConfig;
 pub use error::{Error, Result};
-pub use llava::{IMAGE_SLOT, LlavaModel};
+pub use llava::{IMAGE_SLOT, LlavaModel, LoadOptions};

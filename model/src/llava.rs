@@ -2,6 +2,7 @@
 //! Loads both checkpoint layouts (and text-only LLaMA/Mistral checkpoints) from a model folder.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
@@ -11,6 +12,7 @@ use crate::config::{
 };
 use crate::error::{Error, Result};
 use crate::lm::{Decoder, KvCache};
+use crate::load_progress::LoadProgress;
 use crate::projector::Projector;
 use crate::quant::Quantization;
 use crate::quant::cache::CacheTally;
@@ -58,6 +60,20 @@ pub struct LlavaModel {
     pub quantization: Quantization,
     /// What loading did with the quantised-weights cache (`None`: not used).
     pub quant_cache: Option<CacheTally>,
+}
+
+/// How to load a checkpoint, beyond its folder, device and float type.
+#[derive(Clone, Default)]
+pub struct LoadOptions {
+    /// Bound of prompts and caches (default: the config's context).
+    pub max_context: Option<usize>,
+    /// How the weight matrices are stored.
+    pub quantization: Quantization,
+    /// Root folder of the quantised-weights cache ([`crate::quant::cache`]); `None`: quantise at every
+    /// load.
+    pub quant_cache: Option<PathBuf>,
+    /// Where to report how far the load has got.
+    pub progress: Option<Arc<LoadProgress>>,
 }
 
 /// Tensor name prefixes of one layout.
@@ -113,15 +129,32 @@ impl LlavaModel {
         quantization: Quantization,
         quant_cache: Option<&Path>,
     ) -> Result<Self> {
+        let options = LoadOptions {
+            max_context,
+            quantization,
+            quant_cache: quant_cache.map(Path::to_path_buf),
+            progress: None,
+        };
+        Self::load_with(dir, device, dtype, &options)
+    }
+
+    /// Loads the model in `dir` onto `device` with float type `dtype` as `options` say.
+    pub fn load_with(
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+        options: &LoadOptions,
+    ) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
         let files = WeightFiles::open_dir(dir)?;
         let stored = files.stored_dtype();
         let mut w = files.loader(device, dtype);
-        w.set_quantization(quantization);
-        if quantization != Quantization::None {
-            w.set_quant_cache(quant_cache);
+        w.set_quantization(options.quantization);
+        if options.quantization != Quantization::None {
+            w.set_quant_cache(options.quant_cache.as_deref());
         }
-        Self::build(config, w, dir, max_context, stored)
+        w.set_progress(options.progress.clone());
+        Self::build(config, w, dir, options.max_context, stored)
     }
 
     /// A model of `config`'s shapes with random weights, made on the device without any file (for
@@ -468,6 +501,7 @@ fn load_vision(
         let mut cw = clip.loader(w.device(), w.dtype());
         cw.set_quantization(w.quantization());
         cw.set_quant_cache(w.quant_cache_root());
+        cw.set_progress(w.progress());
         let tower = ClipVisionTower::load(&mut cw, "vision_model", &mm.vision, layers)?;
         *clip_tally = cw.cache_tally();
         let skipped = cw.finish(|_| true)?;

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use burn::module::Param;
 use burn::tensor::{DType, Device, Distribution, Tensor, TensorData};
@@ -16,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::fused::panel_matmul;
 use crate::host_memory::{convert_in_parallel, zeroed_on_huge_pages};
 use crate::linear::Linear;
+use crate::load_progress::LoadProgress;
 use crate::quant::cache::{CacheTally, Lookup, QuantCache};
 use crate::quant::cache_writer::EntryWriter;
 use crate::quant::{Quantization, QuantizedMatrix, pack};
@@ -144,6 +146,19 @@ impl WeightFiles {
         Some(format!("{:?}", self.shards[i].tensors[name].dtype))
     }
 
+    /// Bytes of tensor `name` in its file (0 when absent).
+    pub fn tensor_bytes(&self, name: &str) -> u64 {
+        self.index.get(name).map_or(0, |&i| {
+            let e = &self.shards[i].tensors[name];
+            (e.end - e.start) as u64
+        })
+    }
+
+    /// Bytes of every tensor in the checkpoint.
+    pub fn total_bytes(&self) -> u64 {
+        self.index.keys().map(|name| self.tensor_bytes(name)).sum()
+    }
+
     /// A loader that creates tensors of `dtype` on `device`.
     pub fn loader(&self, device: &Device, dtype: DType) -> WeightLoader<'_> {
         WeightLoader {
@@ -155,6 +170,7 @@ impl WeightFiles {
             cache: None,
             writer: None,
             tally: CacheTally::default(),
+            progress: None,
         }
     }
 
@@ -300,6 +316,7 @@ pub struct WeightLoader<'a> {
     /// Writes new entries while the load goes on (started by the first one).
     writer: Option<EntryWriter>,
     tally: CacheTally,
+    progress: Option<Arc<LoadProgress>>,
 }
 
 impl WeightLoader<'static> {
@@ -316,6 +333,7 @@ impl WeightLoader<'static> {
             cache: None,
             writer: None,
             tally: CacheTally::default(),
+            progress: None,
         }
     }
 }
@@ -355,6 +373,28 @@ impl WeightLoader<'_> {
         self.cache.as_ref().and_then(|c| c.dir().parent())
     }
 
+    /// Reports the tensors taken from now on to `progress`, adding this checkpoint's bytes to its total.
+    pub fn set_progress(&mut self, progress: Option<Arc<LoadProgress>>) {
+        if let (Some(p), Some(files)) = (&progress, self.files) {
+            p.add_total(files.total_bytes());
+        }
+        self.progress = progress;
+    }
+
+    /// The progress this loader reports to (for another checkpoint folder's loader).
+    pub fn progress(&self) -> Option<Arc<LoadProgress>> {
+        self.progress.clone()
+    }
+
+    /// Records tensor `name` as taken from the checkpoint (and its bytes as progress).
+    fn mark_used(&mut self, name: &str) {
+        if self.used.insert(name.to_string())
+            && let (Some(p), Some(files)) = (&self.progress, self.files)
+        {
+            p.advance(files.tensor_bytes(name));
+        }
+    }
+
     /// What this load did with the quantised-weights cache, `None` without one; waits for the entries
     /// still being written.
     pub fn cache_tally(&mut self) -> Option<CacheTally> {
@@ -379,7 +419,7 @@ impl WeightLoader<'_> {
             return Ok(self.made_up(name, shape));
         };
         let values = files.read_f32(name, &shape)?;
-        self.used.insert(name.to_string());
+        self.mark_used(name);
         Ok(self.upload(values, shape.to_vec()))
     }
 
@@ -470,7 +510,7 @@ impl WeightLoader<'_> {
             for (prefix, &d_out) in prefixes.iter().zip(d_outs) {
                 let name = format!("{prefix}.bias");
                 biases.extend(files.read_f32(&name, &[d_out])?);
-                self.used.insert(name);
+                self.mark_used(&name);
             }
         }
         let bias = bias.then(|| self.upload(biases, vec![total]));
@@ -553,7 +593,7 @@ impl WeightLoader<'_> {
         for (name, &d_out) in names.iter().zip(d_outs) {
             let (part, after) = rest.split_at_mut(d_out * d_in);
             files.read_f32_into(name, &[d_out, d_in], part)?;
-            self.used.insert(name.clone());
+            self.mark_used(name);
             rest = after;
         }
         Ok(rows)
@@ -596,7 +636,9 @@ impl WeightLoader<'_> {
         if let Some((cache, entry)) = &entry {
             match cache.read(entry) {
                 Lookup::Hit(packed) => {
-                    self.used.extend(names.iter().cloned());
+                    for name in names {
+                        self.mark_used(name);
+                    }
                     self.tally.read += 1;
                     return Ok(QuantizedMatrix::upload(packed, &self.device, self.dtype));
                 }

@@ -1,16 +1,18 @@
 //! `llava-med`: run LLaVA-Med from the command line (generate, chat, serve, inspect, tokenize, logits,
 //! render, anonymize, cache).
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, IsTerminal, Write};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::DType;
 use clap::{Args, Parser, Subcommand};
 use image::DynamicImage;
+use indicatif::{ProgressBar, ProgressStyle};
 use llava_med::device::{DeviceChoice, SelectedDevice, parse_dtype, select};
 use llava_med::engine::Engine;
 use llava_med::generate::{PromptCache, SamplingParams};
@@ -19,10 +21,11 @@ use llava_med::imaging::worker::DEFAULT_DECODE_TIMEOUT_S;
 use llava_med::imaging::{
     DicomFile, DicomOptions, WindowChoice, is_dicom, open_any_with_time_limit, with_time_limit,
 };
+use llava_med::load_progress::LoadProgress;
 use llava_med::prompt::{PromptTokenizer, Template};
 use llava_med::quant::Quantization;
 use llava_med::quant::cache::{self, CacheTally};
-use llava_med::{IMAGE_SLOT, LlavaModel};
+use llava_med::{IMAGE_SLOT, LlavaModel, LoadOptions};
 
 #[path = "llava-med/cache_command.rs"]
 mod cache_command;
@@ -94,6 +97,46 @@ fn note_first_quantisation(model: &Path, quant: Quantization, root: Option<&Path
             cache.dir().display()
         );
     }
+}
+
+/// A progress bar on stderr for loading `model`, and the progress it shows; none when stderr is not a
+/// terminal (logs and pipes get no bar).
+fn load_progress_bar(model: &Path) -> Option<(ProgressBar, Arc<LoadProgress>)> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let style = ProgressStyle::with_template(
+        "{msg} [{bar:20}] {decimal_bytes}/{decimal_total_bytes}, {eta} left",
+    )
+    .ok()?
+    .progress_chars("=> ");
+    let name = model.file_name().unwrap_or(model.as_os_str());
+    let bar = ProgressBar::new(0)
+        .with_style(style)
+        .with_message(format!("loading {}", name.to_string_lossy()));
+    let shown = bar.clone();
+    let progress = LoadProgress::new(move |done, total| {
+        shown.set_length(total);
+        shown.set_position(done);
+    });
+    Some((bar, Arc::new(progress)))
+}
+
+/// The load options these flags ask for, with a progress bar for loading `model` on a terminal.
+fn load_options(
+    model: &Path,
+    quant: Quantization,
+    context: Option<usize>,
+    quant_cache: Option<PathBuf>,
+) -> (LoadOptions, Option<ProgressBar>) {
+    let (bar, progress) = load_progress_bar(model).unzip();
+    let options = LoadOptions {
+        max_context: context,
+        quantization: quant,
+        quant_cache,
+        progress,
+    };
+    (options, bar)
 }
 
 /// Logs what a load did with the quantised-weights cache.
@@ -523,7 +566,12 @@ fn load(model: &Path, args: &DeviceArgs) -> Result<Engine> {
     tracing::info!(device = %selected.kind, dtype = ?selected.dtype, %quant, "loading {}", model.display());
     let cache = args.quant_cache();
     note_first_quantisation(model, quant, cache.as_deref());
-    let engine = Engine::load_quantized(model, selected, args.context, quant, cache.as_deref())?;
+    let (options, bar) = load_options(model, quant, args.context, cache.clone());
+    let engine = Engine::load_with(model, selected, &options);
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let engine = engine?;
     log_cache(cache.as_deref(), engine.model.quant_cache.as_ref());
     Ok(engine)
 }
@@ -575,14 +623,14 @@ fn bench(
     }
     let start = std::time::Instant::now();
     let loaded = match model {
-        Some(dir) => LlavaModel::load_quantized(
-            dir,
-            &selected.device,
-            selected.dtype,
-            Some(context),
-            quant,
-            cache.as_deref(),
-        )?,
+        Some(dir) => {
+            let (options, bar) = load_options(dir, quant, Some(context), cache.clone());
+            let loaded = LlavaModel::load_with(dir, &selected.device, selected.dtype, &options);
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            loaded?
+        }
         None => LlavaModel::random(
             config,
             &selected.device,

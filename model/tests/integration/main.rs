@@ -7,6 +7,7 @@ mod deid;
 mod dicom;
 mod dicom_fuzz;
 mod generation;
+mod load_progress;
 mod parity;
 mod preprocess;
 mod quant_cache;
