@@ -49,7 +49,7 @@ impl Engine {
             max_context: context,
             quantization,
             quant_cache: quant_cache.map(Path::to_path_buf),
-            progress: None,
+            ..LoadOptions::default()
         };
         Self::load_with(dir, device, &options)
     }

@@ -59,6 +59,14 @@ pub enum Error {
         /// The context length.
         capacity: usize,
     },
+    /// The model would not fit in the memory available.
+    #[error("{path}: {message}")]
+    Memory {
+        /// The model folder.
+        path: PathBuf,
+        /// What it needs, what is available, and what would fit.
+        message: String,
+    },
     /// The selected device cannot be used.
     #[error("device: {0}")]
     Device(String),

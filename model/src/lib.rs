@@ -19,6 +19,7 @@ pub mod linear;
 pub mod llava;
 pub mod lm;
 pub mod load_progress;
+pub mod memory_check;
 pub mod norm;
 pub mod projector;
 pub mod prompt;

@@ -13,6 +13,7 @@ use crate::config::{
 use crate::error::{Error, Result};
 use crate::lm::{Decoder, KvCache};
 use crate::load_progress::LoadProgress;
+use crate::memory_check;
 use crate::projector::Projector;
 use crate::quant::Quantization;
 use crate::quant::cache::CacheTally;
@@ -74,6 +75,27 @@ pub struct LoadOptions {
     pub quant_cache: Option<PathBuf>,
     /// Where to report how far the load has got.
     pub progress: Option<Arc<LoadProgress>>,
+    /// Load on the CPU even when the model looks too big for the available memory
+    /// ([`crate::memory_check`]).
+    pub ignore_memory_check: bool,
+}
+
+/// Refuses a CPU load that would not fit the available memory ([`memory_check`]); other devices are
+/// not checked (their memory is the driver's to report).
+fn check_host_memory(
+    label: &Path,
+    config: &ModelConfig,
+    device: &Device,
+    dtype: DType,
+    quantization: Quantization,
+) -> Result<()> {
+    if !crate::kernels::on_cpu(device) {
+        return Ok(());
+    }
+    match memory_check::available()? {
+        Some(available) => memory_check::check(label, config, dtype, quantization, available),
+        None => Ok(()),
+    }
 }
 
 /// Tensor name prefixes of one layout.
@@ -133,7 +155,7 @@ impl LlavaModel {
             max_context,
             quantization,
             quant_cache: quant_cache.map(Path::to_path_buf),
-            progress: None,
+            ..LoadOptions::default()
         };
         Self::load_with(dir, device, dtype, &options)
     }
@@ -146,6 +168,9 @@ impl LlavaModel {
         options: &LoadOptions,
     ) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
+        if !options.ignore_memory_check {
+            check_host_memory(dir, &config, device, dtype, options.quantization)?;
+        }
         let files = WeightFiles::open_dir(dir)?;
         let stored = files.stored_dtype();
         let mut w = files.loader(device, dtype);
@@ -166,6 +191,13 @@ impl LlavaModel {
         max_context: Option<usize>,
         quantization: Quantization,
     ) -> Result<Self> {
+        check_host_memory(
+            Path::new("random weights"),
+            &config,
+            device,
+            dtype,
+            quantization,
+        )?;
         let mut w = WeightLoader::random(device, dtype);
         w.set_quantization(quantization);
         Self::build(config, w, Path::new("."), max_context, None)

@@ -59,6 +59,10 @@ struct DeviceArgs {
     /// (`off`: quantise at every load). Default: $LLAVA_MED_QUANT_CACHE, else ~/.cache/llava-med/quantized.
     #[arg(long, value_name = "DIR|off")]
     quant_cache: Option<String>,
+    /// Load on the CPU even when the model looks too big for the available memory (or for
+    /// $LLAVA_MED_MEMORY_LIMIT).
+    #[arg(long)]
+    ignore_memory_check: bool,
 }
 
 impl DeviceArgs {
@@ -122,21 +126,33 @@ fn load_progress_bar(model: &Path) -> Option<(ProgressBar, Arc<LoadProgress>)> {
     Some((bar, Arc::new(progress)))
 }
 
-/// The load options these flags ask for, with a progress bar for loading `model` on a terminal.
+/// The load options `args` ask for (with `context`), with a progress bar for loading `model` on a
+/// terminal.
 fn load_options(
     model: &Path,
+    args: &DeviceArgs,
     quant: Quantization,
     context: Option<usize>,
-    quant_cache: Option<PathBuf>,
 ) -> (LoadOptions, Option<ProgressBar>) {
     let (bar, progress) = load_progress_bar(model).unzip();
     let options = LoadOptions {
         max_context: context,
         quantization: quant,
-        quant_cache,
+        quant_cache: args.quant_cache(),
         progress,
+        ignore_memory_check: args.ignore_memory_check,
     };
     (options, bar)
+}
+
+/// A load's error, with the flag that overrides the memory check when that refused it.
+fn load_error(e: llava_med::Error) -> anyhow::Error {
+    match e {
+        llava_med::Error::Memory { .. } => {
+            anyhow::anyhow!("{e} (--ignore-memory-check loads it anyway)")
+        }
+        e => e.into(),
+    }
 }
 
 /// Logs what a load did with the quantised-weights cache.
@@ -566,12 +582,12 @@ fn load(model: &Path, args: &DeviceArgs) -> Result<Engine> {
     tracing::info!(device = %selected.kind, dtype = ?selected.dtype, %quant, "loading {}", model.display());
     let cache = args.quant_cache();
     note_first_quantisation(model, quant, cache.as_deref());
-    let (options, bar) = load_options(model, quant, args.context, cache.clone());
+    let (options, bar) = load_options(model, args, quant, args.context);
     let engine = Engine::load_with(model, selected, &options);
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    let engine = engine?;
+    let engine = engine.map_err(load_error)?;
     log_cache(cache.as_deref(), engine.model.quant_cache.as_ref());
     Ok(engine)
 }
@@ -624,12 +640,12 @@ fn bench(
     let start = std::time::Instant::now();
     let loaded = match model {
         Some(dir) => {
-            let (options, bar) = load_options(dir, quant, Some(context), cache.clone());
+            let (options, bar) = load_options(dir, args, quant, Some(context));
             let loaded = LlavaModel::load_with(dir, &selected.device, selected.dtype, &options);
             if let Some(bar) = bar {
                 bar.finish_and_clear();
             }
-            loaded?
+            loaded.map_err(load_error)?
         }
         None => LlavaModel::random(
             config,

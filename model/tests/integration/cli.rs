@@ -341,3 +341,53 @@ fn inspect_reports_layout_sizes_and_sources() {
         assert!(text.contains(needle), "`{needle}` missing from:\n{text}");
     }
 }
+
+#[test]
+fn a_model_too_big_for_the_memory_is_refused_before_loading() {
+    let model = fixture("tiny-llava-med-mistral");
+    let model = model.to_str().unwrap();
+    let args = [
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "1",
+    ];
+    let run = |limit: &str, extra: &[&str]| {
+        llava_med()
+            .env(llava_med::memory_check::LIMIT_ENV, limit)
+            .args(args)
+            .args(extra)
+            .args(["--device", "cpu"])
+            .output()
+            .unwrap()
+    };
+    // 500 MB is less than the headroom any load is given: refused, naming the model and the way out.
+    let out = run("500MB", &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let line = err.lines().find(|l| l.starts_with("error:")).unwrap();
+    assert!(
+        line.contains(model) && line.contains("0.5 GB is available"),
+        "{line}"
+    );
+    assert!(line.contains("--ignore-memory-check"), "{line}");
+    // The same load with the check off, and with room enough.
+    for (limit, extra) in [("500MB", &["--ignore-memory-check"][..]), ("64GB", &[])] {
+        let out = run(limit, extra);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // A limit that is not a size.
+    let out = run("lots", &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("LLAVA_MED_MEMORY_LIMIT=lots: not a size"),
+        "{err}"
+    );
+}
