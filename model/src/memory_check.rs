@@ -24,6 +24,19 @@ pub fn needed(config: &ModelConfig, dtype: DType, quant: Quantization) -> u64 {
     (decoder + tower + projector) as u64 + HEADROOM
 }
 
+/// The finest of none, int8 and int4 whose needs fit `available`, with `dtype(q)` the float type a load
+/// with `q` runs in; int4 when none fits (the load's [`check`] then says what would be needed).
+pub fn finest_fitting(
+    config: &ModelConfig,
+    available: u64,
+    dtype: impl Fn(Quantization) -> DType,
+) -> Quantization {
+    [Quantization::None, Quantization::Int8, Quantization::Int4]
+        .into_iter()
+        .find(|&q| needed(config, dtype(q), q) <= available)
+        .unwrap_or(Quantization::Int4)
+}
+
 /// Bytes a load may plan on: what the system reports available (within a container's limit), capped by
 /// [`LIMIT_ENV`]; `None` where neither says.
 pub fn available() -> Result<Option<u64>> {
@@ -141,6 +154,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(text.contains("close other programs"), "{text}");
+    }
+
+    #[test]
+    fn the_finest_quantisation_that_fits_is_chosen() {
+        let config = crate::bench::shape_config("7b").unwrap();
+        let f32 = |_| DType::F32;
+        assert_eq!(
+            finest_fitting(&config, 64_000_000_000, f32),
+            Quantization::None
+        );
+        assert_eq!(
+            finest_fitting(&config, 16_000_000_000, f32),
+            Quantization::Int8
+        );
+        assert_eq!(
+            finest_fitting(&config, 8_000_000_000, f32),
+            Quantization::Int4
+        );
+        assert_eq!(finest_fitting(&config, 1_000_000, f32), Quantization::Int4);
+        // In f16 the float model fits where its f32 form would not.
+        let f16 = |q| {
+            if q == Quantization::None {
+                DType::F16
+            } else {
+                DType::F32
+            }
+        };
+        assert_eq!(
+            finest_fitting(&config, 20_000_000_000, f16),
+            Quantization::None
+        );
     }
 
     #[test]

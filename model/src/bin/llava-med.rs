@@ -22,10 +22,11 @@ use llava_med::imaging::{
     DicomFile, DicomOptions, WindowChoice, is_dicom, open_any_with_time_limit, with_time_limit,
 };
 use llava_med::load_progress::LoadProgress;
+use llava_med::memory_check;
 use llava_med::prompt::{PromptTokenizer, Template};
 use llava_med::quant::Quantization;
 use llava_med::quant::cache::{self, CacheTally};
-use llava_med::{IMAGE_SLOT, LlavaModel, LoadOptions};
+use llava_med::{IMAGE_SLOT, LlavaModel, LoadOptions, ModelConfig};
 
 #[path = "llava-med/cache_command.rs"]
 mod cache_command;
@@ -52,8 +53,9 @@ struct DeviceArgs {
     /// Context length in tokens (default: the model's).
     #[arg(long)]
     context: Option<usize>,
-    /// Weight-only quantisation of the weight matrices: none, int8 or int4 (groups of 32, see the README).
-    #[arg(long, default_value = "none")]
+    /// Weight-only quantisation of the weight matrices: none, int8 or int4 (groups of 32, see the README);
+    /// auto: on the CPU the finest that fits the available memory (none where the model fits), else none.
+    #[arg(long, default_value = "auto")]
     quant: String,
     /// Where quantised weights are kept between loads, so only the first load of a model quantises it
     /// (`off`: quantise at every load). Default: $LLAVA_MED_QUANT_CACHE, else ~/.cache/llava-med/quantized.
@@ -66,16 +68,55 @@ struct DeviceArgs {
 }
 
 impl DeviceArgs {
-    /// The device, float type and quantisation these flags ask for.
-    fn select(&self) -> Result<(SelectedDevice, Quantization)> {
+    /// The device, float type and quantisation these flags ask for, to load the model of `config` from
+    /// `model` (a folder, or a description of random weights).
+    fn select(&self, config: &ModelConfig, model: &Path) -> Result<(SelectedDevice, Quantization)> {
         let choice: DeviceChoice = self.device.parse()?;
         let dtype = self.dtype.as_deref().map(parse_dtype).transpose()?;
-        let quant: Quantization = self.quant.parse()?;
-        let (selected, note) = select(choice, dtype)?.for_quantization(quant);
+        let selected = select(choice, dtype)?;
+        let quant = match self.quant.trim().to_ascii_lowercase().as_str() {
+            "auto" => self.auto_quantization(&selected, config, model)?,
+            asked => asked.parse()?,
+        };
+        let (selected, note) = selected.for_quantization(quant);
         if let Some(note) = note {
             eprintln!("note: {note}");
         }
         Ok((selected, quant))
+    }
+
+    /// `--quant auto`: on the CPU, the finest quantisation whose weights fit the available memory
+    /// (`none` where they do); elsewhere `none` (device memory is not checked).
+    fn auto_quantization(
+        &self,
+        selected: &SelectedDevice,
+        config: &ModelConfig,
+        model: &Path,
+    ) -> Result<Quantization> {
+        if selected.kind != DeviceChoice::Cpu || self.ignore_memory_check {
+            return Ok(Quantization::None);
+        }
+        let Some(available) = memory_check::available()? else {
+            return Ok(Quantization::None);
+        };
+        // Quantised weights compute in f32 on the CPU (`SelectedDevice::for_quantization`).
+        let dtype = |q| match q {
+            Quantization::None => selected.dtype,
+            _ => DType::F32,
+        };
+        let quant = memory_check::finest_fitting(config, available, dtype);
+        if quant != Quantization::None {
+            let gb = |q| memory_check::needed(config, dtype(q), q) as f64 / 1e9;
+            eprintln!(
+                "note: {}: unquantised it needs about {:.1} GB of memory and {:.1} GB is available; \
+                 loading it with {quant} weights (about {:.1} GB; --quant none to insist)",
+                model.display(),
+                gb(Quantization::None),
+                available as f64 / 1e9,
+                gb(quant)
+            );
+        }
+        Ok(quant)
     }
 
     /// The quantised-weights cache's root folder these flags ask for, if any.
@@ -578,7 +619,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn load(model: &Path, args: &DeviceArgs) -> Result<Engine> {
-    let (selected, quant) = args.select()?;
+    let (selected, quant) = args.select(&ModelConfig::from_dir(model)?, model)?;
     tracing::info!(device = %selected.kind, dtype = ?selected.dtype, %quant, "loading {}", model.display());
     let cache = args.quant_cache();
     note_first_quantisation(model, quant, cache.as_deref());
@@ -614,12 +655,16 @@ fn bench(
     options: &llava_med::bench::BenchOptions,
     json: bool,
 ) -> Result<()> {
-    let (selected, quant) = args.select()?;
     let config = match (model, shape) {
-        (Some(dir), _) => llava_med::config::ModelConfig::from_dir(dir)?,
+        (Some(dir), _) => ModelConfig::from_dir(dir)?,
         (None, Some(name)) => llava_med::bench::shape_config(name)?,
         (None, None) => bail!("give --model DIR or --shape NAME"),
     };
+    let label = match (model, shape) {
+        (Some(dir), _) => dir.to_path_buf(),
+        _ => PathBuf::from(format!("the {} shape", shape.unwrap_or_default())),
+    };
+    let (selected, quant) = args.select(&config, &label)?;
     // Checked before loading, which takes minutes for a quantised 7B model.
     let needed = llava_med::bench::min_context(&config, options);
     // Room for the longest decode figure, not the model's whole context (a 32k KV cache would dominate

@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+use llava_med::quant::Quantization;
+
 use crate::common::{Scratch, copy_dir, fixture, llava_med, llava_med_ok, llava_med_run_ok};
 
 /// A scratch copy of a fixture model that a test may break.
@@ -383,6 +385,19 @@ fn a_model_too_big_for_the_memory_is_refused_before_loading() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // Room for int8 weights but not f32 ones: the default (`--quant auto`) loads int8 and says so; `--quant
+    // none` insists and is refused.
+    let config = llava_med::ModelConfig::from_dir(Path::new(model)).unwrap();
+    let need = |q| llava_med::memory_check::needed(&config, burn::tensor::DType::F32, q);
+    let (none, int8) = (need(Quantization::None), need(Quantization::Int8));
+    assert!(int8 < none);
+    let between = ((none + int8) / 2).to_string();
+    let out = run(&between, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("loading it with int8 weights"), "{err}");
+    let out = run(&between, &["--quant", "none"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
     // A limit that is not a size.
     let out = run("lots", &[]);
     let err = String::from_utf8_lossy(&out.stderr);
