@@ -82,6 +82,14 @@ impl DeviceArgs {
         if let Some(note) = note {
             eprintln!("note: {note}");
         }
+        // The load checks again; checked here too so a refusal comes before any note about the load.
+        if selected.kind == DeviceChoice::Cpu
+            && !self.ignore_memory_check
+            && let Some(available) = memory_check::available()?
+        {
+            memory_check::check(model, config, selected.dtype, quant, available)
+                .map_err(load_error)?;
+        }
         Ok((selected, quant))
     }
 
@@ -105,7 +113,8 @@ impl DeviceArgs {
             _ => DType::F32,
         };
         let quant = memory_check::finest_fitting(config, available, dtype);
-        if quant != Quantization::None {
+        let fits = memory_check::needed(config, dtype(quant), quant) <= available;
+        if quant != Quantization::None && fits {
             let gb = |q| memory_check::needed(config, dtype(q), q) as f64 / 1e9;
             eprintln!(
                 "note: {}: unquantised it needs about {:.1} GB of memory and {:.1} GB is available; \
