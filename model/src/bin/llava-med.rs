@@ -12,7 +12,6 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::DType;
 use clap::{Args, Parser, Subcommand};
 use image::DynamicImage;
-use indicatif::{ProgressBar, ProgressStyle};
 use llava_med::device::{DeviceChoice, SelectedDevice, parse_dtype, select};
 use llava_med::engine::Engine;
 use llava_med::generate::{PromptCache, SamplingParams};
@@ -30,6 +29,10 @@ use llava_med::{IMAGE_SLOT, LlavaModel, LoadOptions, ModelConfig};
 
 #[path = "llava-med/cache_command.rs"]
 mod cache_command;
+#[path = "llava-med/progress_line.rs"]
+mod progress_line;
+
+use progress_line::ProgressLine;
 
 #[derive(Parser)]
 #[command(
@@ -153,27 +156,20 @@ fn note_first_quantisation(model: &Path, quant: Quantization, root: Option<&Path
     }
 }
 
-/// A progress bar on stderr for loading `model`, and the progress it shows; none when stderr is not a
-/// terminal (logs and pipes get no bar).
-fn load_progress_bar(model: &Path) -> Option<(ProgressBar, Arc<LoadProgress>)> {
+/// A progress line on stderr for loading `model`, and the progress it shows; none when stderr is not a
+/// terminal (logs and pipes get no line).
+fn load_progress_line(model: &Path) -> Option<(Arc<ProgressLine>, Arc<LoadProgress>)> {
     if !std::io::stderr().is_terminal() {
         return None;
     }
-    let style = ProgressStyle::with_template(
-        "{msg} [{bar:20}] {decimal_bytes}/{decimal_total_bytes}, {eta} left",
-    )
-    .ok()?
-    .progress_chars("=> ");
     let name = model.file_name().unwrap_or(model.as_os_str());
-    let bar = ProgressBar::new(0)
-        .with_style(style)
-        .with_message(format!("loading {}", name.to_string_lossy()));
-    let shown = bar.clone();
-    let progress = LoadProgress::new(move |done, total| {
-        shown.set_length(total);
-        shown.set_position(done);
-    });
-    Some((bar, Arc::new(progress)))
+    let line = Arc::new(ProgressLine::new(format!(
+        "loading {}",
+        name.to_string_lossy()
+    )));
+    let shown = line.clone();
+    let progress = LoadProgress::new(move |done, total| shown.show(done, total));
+    Some((line, Arc::new(progress)))
 }
 
 /// The load options `args` ask for (with `context`), with a progress bar for loading `model` on a
@@ -183,8 +179,8 @@ fn load_options(
     args: &DeviceArgs,
     quant: Quantization,
     context: Option<usize>,
-) -> (LoadOptions, Option<ProgressBar>) {
-    let (bar, progress) = load_progress_bar(model).unzip();
+) -> (LoadOptions, Option<Arc<ProgressLine>>) {
+    let (bar, progress) = load_progress_line(model).unzip();
     let options = LoadOptions {
         max_context: context,
         quantization: quant,

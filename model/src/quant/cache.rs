@@ -229,7 +229,7 @@ impl QuantCache {
         let entry = &encoded.entry;
         std::fs::create_dir_all(&self.dir)?;
         // Where the free space cannot be told (an unusual file system), writing goes ahead.
-        if let Ok(available) = fs4::available_space(&self.dir)
+        if let Some(available) = free_disk_space(&self.dir)
             && available < encoded.bytes() + self.keep_free
         {
             return Err(std::io::Error::new(
@@ -395,6 +395,19 @@ fn write_entry(path: &Path, e: &EncodedEntry) -> std::io::Result<()> {
     ];
     let meta = HashMap::from([(FINGERPRINT_KEY.to_string(), e.entry.fingerprint.clone())]);
     safetensors::serialize_to_file(tensors, Some(meta), path).map_err(std::io::Error::other)
+}
+
+/// Free bytes on the disk holding `dir` (the mounted disk whose mount point is the longest prefix of its
+/// full path), where the system says.
+fn free_disk_space(dir: &Path) -> Option<u64> {
+    let full = std::fs::canonicalize(dir).ok()?;
+    let disks = sysinfo::Disks::new_with_refreshed_list();
+    disks
+        .list()
+        .iter()
+        .filter(|d| full.starts_with(d.mount_point()))
+        .max_by_key(|d| d.mount_point().as_os_str().len())
+        .map(|d| d.available_space())
 }
 
 /// `name` with anything but ASCII letters, digits, `.`, `_` and `-` replaced by `_`.
