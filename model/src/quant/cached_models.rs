@@ -57,7 +57,8 @@ pub struct Removed {
 }
 
 impl Removed {
-    fn add(&mut self, other: &Removed) {
+    /// Adds another removal's counts.
+    pub fn add(&mut self, other: &Removed) {
         self.files += other.files;
         self.bytes += other.bytes;
         self.folders += other.folders;

@@ -62,10 +62,7 @@ pub fn run(action: CacheAction, root: Option<&str>) -> Result<()> {
             };
             let mut removed = Removed::default();
             for target in &targets {
-                let done = cached_models::remove(target)?;
-                removed.files += done.files;
-                removed.bytes += done.bytes;
-                removed.folders += done.folders;
+                removed.add(&cached_models::remove(target)?);
             }
             report(&root, &removed);
             Ok(())
